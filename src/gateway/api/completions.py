@@ -1,0 +1,131 @@
+"""The completion pipeline behind ``POST /v1/chat/completions`` (and ``/c1/chat``).
+
+One request, one way through:
+1. read the serving snapshot once; authenticate;
+2. read the body under ``max_request_bytes``; decode JSON once;
+3. (``/c1/chat``) rebuild the chat body, keeping a map back to the c1 body;
+4. inspect the request (shape, images) and check the alias's generated rules;
+5. plan the attempts (members that cannot serve it are skipped) and dispatch;
+6. answer: JSON with ``model`` = the serving alias, or an SSE relay.
+Any ``GatewayError`` becomes the envelope, its location mapped back into the
+body the client sent; anything unexpected becomes 500 ``internal_error`` with
+the request id, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from gateway.api.edge import (
+    JSON_HEADERS,
+    Headers,
+    cancelled_on_disconnect,
+    header,
+    read_body,
+    send_bytes,
+    send_error,
+    send_stream,
+)
+from gateway.dispatch import Attempt, Dispatcher
+from gateway.errors import GatewayError, Location
+from gateway.facts import inspect_request
+from gateway.metrics import Metrics
+from gateway.reload import SnapshotHolder
+from gateway.relay import StreamRelay, relay_stream
+from gateway.routing import plan_attempts
+from gateway.shaping import client_body
+
+log = logging.getLogger("gateway.completions")
+
+# A translator turns the decoded body of another endpoint into a chat body, and
+# returns how to map a location in the chat body back into the original body.
+Translator = Callable[[Any], tuple[Any, Callable[[Location], Location | None]]]
+
+_decode = msgspec.json.Decoder().decode
+
+
+def request_id(scope: dict[str, Any]) -> str:
+    return scope.get("gateway_request_id", "-")  # type: ignore[no-any-return]
+
+
+def served_headers(served_alias: str, attempts: list[Attempt]) -> Headers:
+    calls = sum(1 for a in attempts if a.called)
+    return [(b"x-gateway-served-by", served_alias.encode()), (b"x-gateway-attempts", str(calls).encode())]
+
+
+class CompletionService:
+    def __init__(self, holder: SnapshotHolder, dispatcher: Dispatcher, metrics: Metrics) -> None:
+        self.holder = holder
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+
+    async def handle(self, scope: dict[str, Any], receive: Any, send: Any, translate: Translator | None = None) -> None:
+        relocate: Callable[[Location], Location | None] = lambda at: at  # noqa: E731
+        alias_name = "-"
+        try:
+            if scope.get("method") != "POST":
+                raise GatewayError("method_not_allowed", f"{scope.get('path')} takes POST.")
+            snapshot = self.holder.current
+            if snapshot is None:
+                raise GatewayError("config_not_loaded", "No valid configuration is loaded; `gateway check` says why.")
+            identity = self.holder.keys.authenticate(header(scope, b"authorization"))
+            raw = await read_body(receive, snapshot.config.server.max_request_bytes)
+            try:
+                body = _decode(raw)
+            except msgspec.DecodeError as exc:
+                raise GatewayError("invalid_json", f"The body is not valid JSON: {exc}.") from None
+            if translate is not None:
+                body, relocate = translate(body)
+            facts = inspect_request(body)
+            alias = snapshot.lookup(facts.model)
+            alias_name = alias.name
+            if not identity.may_use(alias.name):
+                raise GatewayError("model_not_allowed", f"Your key may not use model '{alias.name}'.", at=("model",))
+            alias.rules.check(facts)
+            targets = plan_attempts(alias, facts)
+            async with cancelled_on_disconnect(receive):
+                if facts.stream:
+                    await self._stream(send, alias, targets, body)
+                else:
+                    await self._complete(send, alias, targets, body)
+            return
+        except GatewayError as error:
+            if error.at is not None:
+                error = error.relocated(relocate(error.at))
+            self.metrics.inc("gateway_requests_total", alias=alias_name, status=str(error.status))
+            await send_error(send, error)
+        except Exception:
+            rid = request_id(scope)
+            log.exception("unexpected fault in request %s", rid)
+            self.metrics.inc("gateway_requests_total", alias=alias_name, status="500")
+            await send_error(send, GatewayError("internal_error", f"An unexpected fault in the gateway (request id {rid})."))
+
+    async def _complete(self, send: Any, alias: Any, targets: Any, body: Any) -> None:
+        served = await self.dispatcher.complete(alias, targets, body)
+        self._count(alias.name, served.target, served.attempts, served.answer.get("usage"))
+        out = client_body(served.answer, served.target.alias)
+        await send_bytes(send, 200, out, [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts)])
+
+    async def _stream(self, send: Any, alias: Any, targets: Any, body: Any) -> None:
+        start = await self.dispatcher.open_stream(alias, targets, body)
+        served_alias = start.target.alias
+        relay = StreamRelay(served_alias, lambda: self.metrics.inc("gateway_stream_malformed_chunks_total", alias=served_alias))
+        try:
+            await send_stream(send, relay_stream(start, relay), served_headers(served_alias, start.attempts))
+        finally:
+            await start.stream.aclose()
+            self._count(alias.name, start.target, start.attempts, relay.usage)
+
+    def _count(self, requested: str, target: Any, attempts: list[Attempt], usage: Any) -> None:
+        self.metrics.inc("gateway_requests_total", alias=requested, status="200")
+        for attempt in attempts:
+            self.metrics.inc("gateway_attempts_total", alias=attempt.alias, backend=attempt.backend, outcome=attempt.outcome)
+        if isinstance(usage, dict):
+            for kind in ("prompt_tokens", "completion_tokens"):
+                value = usage.get(kind)
+                if isinstance(value, int):
+                    self.metrics.inc("gateway_tokens_total", value, alias=target.alias, kind=kind)

@@ -1,0 +1,15 @@
+"""Pure routing: a compiled alias and a request's facts → the ordered targets to try.
+
+The order is fixed at load time (own target, fallbacks recursively, or a
+composite's members); here only the members whose rules cannot serve this
+request (an image to a text-only fallback, say) are left out.
+"""
+
+from __future__ import annotations
+
+from gateway.facts import RequestFacts
+from gateway.snapshot import CompiledAlias, Target
+
+
+def plan_attempts(alias: CompiledAlias, facts: RequestFacts) -> tuple[Target, ...]:
+    return tuple(target for target in alias.targets if target.rules.accepts(facts))

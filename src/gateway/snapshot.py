@@ -1,0 +1,188 @@
+"""Everything derived from one configuration load, in one immutable object.
+
+A ``Snapshot`` holds the config, each alias compiled (its rules and its ordered
+targets, fallbacks and composite members resolved), the backends' keys read
+from the environment, and the content hash and load time the status page
+shows. The gateway swaps snapshots whole; a request reads one and keeps it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import time
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from gateway.config.model import AliasSpec, Backend, Config
+from gateway.errors import GatewayError
+from gateway.rules import AliasRules, compile_rules
+
+BUILTIN_TOTAL_S = 120.0
+BUILTIN_CONNECT_S = 10.0
+BUILTIN_IDLE_S = 60.0
+BUILTIN_RETRIES = 1
+
+
+@attrs.frozen
+class ResolvedTimeouts:
+    """The four timeouts of one target, resolved alias → backend → [defaults] → built-in."""
+
+    total_s: float
+    connect_s: float
+    first_byte_s: float
+    idle_s: float
+
+
+@attrs.frozen
+class Target:
+    """One place a request can be sent: an alias entry's backend and upstream model."""
+
+    alias: str
+    backend_name: str
+    base_url: str
+    model: str
+    api_key_env: str | None
+    api_key: str | None
+    headers: Mapping[str, str]
+    params: Mapping[str, Any]
+    rename: Mapping[str, str]
+    timeouts: ResolvedTimeouts
+    retries: int
+    image_output: bool
+    rules: AliasRules
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Cooldowns are per backend *and* model: one failing model must not cool its backend."""
+        return (self.backend_name, self.model)
+
+    @property
+    def configured(self) -> bool:
+        return self.api_key_env is None or self.api_key is not None
+
+
+@attrs.frozen
+class CompiledAlias:
+    name: str
+    spec: AliasSpec
+    rules: AliasRules
+    targets: tuple[Target, ...]
+    deadline_s: float
+
+
+@attrs.frozen
+class Snapshot:
+    config: Config
+    source: str
+    content_hash: str
+    loaded_at: float
+    aliases: Mapping[str, CompiledAlias]
+    unconfigured_backends: Mapping[str, str]
+
+    def lookup(self, name: str) -> CompiledAlias:
+        compiled = self.aliases.get(name)
+        if compiled is None:
+            close = difflib.get_close_matches(name, list(self.aliases), n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise GatewayError(
+                "model_not_found",
+                f"The model '{name}' does not exist.{hint} GET /v1/models lists every alias.",
+                at=("model",),
+            )
+        return compiled
+
+
+def _first(*values: float | None) -> float | None:
+    return next((v for v in values if v is not None), None)
+
+
+def _resolve_timeouts(spec: AliasSpec, backend: Backend, config: Config) -> ResolvedTimeouts:
+    defaults = config.defaults
+
+    def pick(key: str) -> float | None:
+        return _first(getattr(spec, key), getattr(backend, key), getattr(defaults, key))
+
+    total = pick("timeout_s") or BUILTIN_TOTAL_S
+    return ResolvedTimeouts(
+        total_s=total,
+        connect_s=min(pick("connect_timeout_s") or BUILTIN_CONNECT_S, total),
+        first_byte_s=min(pick("first_byte_timeout_s") or total, total),
+        idle_s=min(pick("idle_timeout_s") or BUILTIN_IDLE_S, total),
+    )
+
+
+def _target(name: str, config: Config, rules: Mapping[str, AliasRules], environ: Mapping[str, str]) -> Target:
+    spec = config.models[name]
+    assert spec.backend is not None and spec.model is not None  # the loader checked
+    backend = config.backends[spec.backend]
+    retries = _first(spec.retries, backend.retries, config.defaults.retries)
+    return Target(
+        alias=name,
+        backend_name=spec.backend,
+        base_url=backend.base_url.rstrip("/"),
+        model=spec.model,
+        api_key_env=backend.api_key_env,
+        api_key=environ.get(backend.api_key_env) or None if backend.api_key_env else None,
+        headers=MappingProxyType(dict(backend.headers)),
+        params=MappingProxyType(dict(spec.params)),
+        rename=MappingProxyType(dict(spec.rename)),
+        timeouts=_resolve_timeouts(spec, backend, config),
+        retries=int(retries) if retries is not None else BUILTIN_RETRIES,
+        image_output="image" in rules[name].output,
+        rules=rules[name],
+    )
+
+
+def _plan_targets(name: str, config: Config, targets: Mapping[str, Target], seen: set[str]) -> list[Target]:
+    """Own target (or a composite's members, in order), then fallbacks, recursively, each alias once."""
+    if name in seen:
+        return []
+    seen.add(name)
+    spec = config.models[name]
+    plan: list[Target] = []
+    if spec.route is not None:
+        for member in spec.route:
+            plan += _plan_targets(member, config, targets, seen)
+    else:
+        plan.append(targets[name])
+    for fallback in spec.fallback:
+        plan += _plan_targets(fallback, config, targets, seen)
+    return plan
+
+
+def build_snapshot(
+    config: Config,
+    *,
+    source: str = "models.toml",
+    content_hash: str = "",
+    environ: Mapping[str, str] | None = None,
+) -> Snapshot:
+    """Compile a checked ``Config`` into the snapshot requests are served from."""
+    environ = os.environ if environ is None else environ
+    rules = {name: compile_rules(name, config.models, config.defaults) for name in config.models}
+    targets = {
+        name: _target(name, config, rules, environ) for name, spec in config.models.items() if spec.route is None
+    }
+    aliases: dict[str, CompiledAlias] = {}
+    for name, spec in config.models.items():
+        plan = tuple(_plan_targets(name, config, targets, set()))
+        own_total = spec.timeout_s if spec.timeout_s is not None else None
+        deadline = own_total or sum(t.timeouts.total_s for t in plan)
+        aliases[name] = CompiledAlias(name=name, spec=spec, rules=rules[name], targets=plan, deadline_s=deadline)
+    unconfigured = {
+        name: backend.api_key_env
+        for name, backend in config.backends.items()
+        if backend.api_key_env and not environ.get(backend.api_key_env)
+    }
+    return Snapshot(
+        config=config,
+        source=source,
+        content_hash=content_hash,
+        loaded_at=time.time(),
+        aliases=MappingProxyType(aliases),
+        unconfigured_backends=MappingProxyType(unconfigured),
+    )

@@ -1,0 +1,60 @@
+"""Shared fixtures: a real upstream stand-in process, and real gateway processes under granian.
+
+``standin`` is one stand-in process for the whole session (tests script it per
+upstream model id, so they do not disturb each other). ``gateway_factory``
+writes a models.toml into the test's temp dir and starts ``gateway serve`` on
+it; every gateway it started is stopped at the end of the test.
+"""
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+TESTS_DIR = str(Path(__file__).resolve().parent)
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
+from harness import GatewayProcess, StandIn, start_gateway, start_standin  # noqa: E402
+
+# A fast profile for CI, a thorough one for local runs: HYPOTHESIS_PROFILE=thorough.
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+CLIENT_KEY = "sk-test-client"
+UPSTREAM_KEY = "sk-test-upstream"
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandIn]:
+    with start_standin(log_dir=tmp_path_factory.mktemp("standin")) as running:
+        yield running
+
+
+def backend_toml(standin: StandIn, name: str = "local") -> str:
+    """A backend table pointing at the stand-in, its key read from STANDIN_KEY."""
+    return f'[backends.{name}]\nbase_url = "{standin.base_url}"\napi_key_env = "STANDIN_KEY"\n'
+
+
+GatewayFactory = Callable[..., GatewayProcess]
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
+    started: list[GatewayProcess] = []
+
+    def start(config_text: str, *, env: dict[str, str] | None = None, workers: int = 1, name: str = "models.toml") -> GatewayProcess:
+        config = tmp_path / name
+        config.write_text(config_text)
+        full_env = {"GATEWAY_API_KEYS": CLIENT_KEY, "STANDIN_KEY": UPSTREAM_KEY, **(env or {})}
+        gateway = start_gateway(config, env=full_env, workers=workers, log_dir=tmp_path)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
