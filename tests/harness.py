@@ -333,10 +333,12 @@ def start_gateway(
         except ProcessStartError as exc:
             process.stop()
             last_error = exc
-            if "address already in use" not in process.log_text().lower():
+            address_in_use = "address already in use" in process.log_text().lower()
+            process.cleanup()
+            if not address_in_use:
                 raise
         except BaseException:
-            process.stop()
+            process.cleanup()
             raise
     assert last_error is not None
     raise last_error

@@ -562,7 +562,7 @@ def fake_gateway_path(tmp_path: Any) -> str:
 def test_start_gateway_contract_and_group_kill(fake_gateway_path: str, tmp_path: Any) -> None:
     """start_gateway runs `-m gateway serve` with the agreed flags, waits for /healthz, and stop() kills its workers."""
     config = tmp_path / "gateway.toml"
-    gateway = start_gateway(config, env={"PYTHONPATH": fake_gateway_path, "FAKE_MARKER": "yes"}, workers=3)
+    gateway = start_gateway(config, env={"PYTHONPATH": fake_gateway_path, "FAKE_MARKER": "yes"}, workers=3, log_dir=tmp_path)
     try:
         with local_client() as http:
             facts = http.get(f"{gateway.url}/facts").json()

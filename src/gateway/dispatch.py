@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import msgspec
 
+from gateway.admission import NO_SLOT, BackendSlots, Slot, Unlimited
 from gateway.config.model import RoutingConfig
 from gateway.errors import GatewayError
 from gateway.health import HealthBoard
@@ -90,6 +91,13 @@ class StreamStart:
     held: list[bytes | None]     # events read before the first real chunk (inclusive)
     attempts: list[Attempt]
     finished: bool               # the upstream already sent [DONE] or ended
+    slot: Slot = NO_SLOT         # the backend slot the stream holds until it ends
+
+    async def aclose(self) -> None:
+        try:
+            await self.stream.aclose()
+        finally:
+            self.slot.release()
 
 
 def _is_real_chunk(event: Any) -> bool:
@@ -110,10 +118,17 @@ def _is_real_chunk(event: Any) -> bool:
 
 
 class Dispatcher:
-    def __init__(self, client: UpstreamClient, health: HealthBoard, routing: Callable[[], RoutingConfig]) -> None:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        health: HealthBoard,
+        routing: Callable[[], RoutingConfig],
+        slots: BackendSlots | None = None,
+    ) -> None:
         self._client = client
         self._health = health
         self._routing = routing
+        self._slots = slots or Unlimited()
 
     async def complete(self, alias: CompiledAlias, targets: tuple[Target, ...], body: Mapping[str, Any]) -> Served:
         served = await self._run(alias, targets, body, self._attempt_complete)
@@ -190,6 +205,13 @@ class Dispatcher:
     # ------------------------------------------------------------ one attempt
 
     async def _attempt_complete(self, target: Target, payload: bytes, remaining_s: float) -> Verdict:
+        slot = await self._slots.acquire(target)
+        try:
+            return await self._call_complete(target, payload, remaining_s)
+        finally:
+            slot.release()
+
+    async def _call_complete(self, target: Target, payload: bytes, remaining_s: float) -> Verdict:
         budget_s = min(target.timeouts.total_s, remaining_s)
         try:
             async with asyncio.timeout(budget_s):
@@ -217,6 +239,19 @@ class Dispatcher:
         return Verdict(OK, "ok", "", answer=Served(target, answer, []))
 
     async def _attempt_stream(self, target: Target, payload: bytes, remaining_s: float) -> Verdict:
+        slot = await self._slots.acquire(target)
+        try:
+            verdict = await self._call_stream(target, payload, remaining_s)
+        except BaseException:
+            slot.release()
+            raise
+        if verdict.action == OK:
+            verdict.answer.slot = slot  # held until the stream ends
+        else:
+            slot.release()
+        return verdict
+
+    async def _call_stream(self, target: Target, payload: bytes, remaining_s: float) -> Verdict:
         first_byte_s = min(target.timeouts.first_byte_s, remaining_s)
         try:
             stream = await self._client.open(target, payload, first_byte_s=first_byte_s)

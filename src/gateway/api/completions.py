@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.admission import Admission, AdmitAll, Ticket
 from gateway.api.edge import (
     JSON_HEADERS,
     Headers,
@@ -58,10 +59,11 @@ def served_headers(served_alias: str, attempts: list[Attempt]) -> Headers:
 
 
 class CompletionService:
-    def __init__(self, holder: SnapshotHolder, dispatcher: Dispatcher, metrics: Metrics) -> None:
+    def __init__(self, holder: SnapshotHolder, dispatcher: Dispatcher, metrics: Metrics, admission: Admission | None = None) -> None:
         self.holder = holder
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self.admission = admission or AdmitAll()
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any, translate: Translator | None = None) -> None:
         relocate: Callable[[Location], Location | None] = lambda at: at  # noqa: E731
@@ -87,11 +89,12 @@ class CompletionService:
                 raise GatewayError("model_not_allowed", f"Your key may not use model '{alias.name}'.", at=("model",))
             alias.rules.check(facts)
             targets = plan_attempts(alias, facts)
+            ticket = await self.admission.admit(identity, alias, facts)
             async with cancelled_on_disconnect(receive):
                 if facts.stream:
-                    await self._stream(send, alias, targets, body)
+                    await self._stream(send, alias, targets, body, ticket)
                 else:
-                    await self._complete(send, alias, targets, body)
+                    await self._complete(send, alias, targets, body, ticket)
             return
         except GatewayError as error:
             if error.at is not None:
@@ -104,20 +107,33 @@ class CompletionService:
             self.metrics.inc("gateway_requests_total", alias=alias_name, status="500")
             await send_error(send, GatewayError("internal_error", f"An unexpected fault in the gateway (request id {rid})."))
 
-    async def _complete(self, send: Any, alias: Any, targets: Any, body: Any) -> None:
-        served = await self.dispatcher.complete(alias, targets, body)
-        self._count(alias.name, served.target, served.attempts, served.answer.get("usage"))
+    async def _complete(self, send: Any, alias: Any, targets: Any, body: Any, ticket: Ticket) -> None:
+        try:
+            served = await self.dispatcher.complete(alias, targets, body)
+        except BaseException:
+            ticket.settle(None)
+            raise
+        usage = served.answer.get("usage")
+        ticket.settle(usage if isinstance(usage, dict) else None)
+        self._count(alias.name, served.target, served.attempts, usage)
         out = client_body(served.answer, served.target.alias)
-        await send_bytes(send, 200, out, [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts)])
+        headers = [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts), *ticket.headers]
+        await send_bytes(send, 200, out, headers)
 
-    async def _stream(self, send: Any, alias: Any, targets: Any, body: Any) -> None:
-        start = await self.dispatcher.open_stream(alias, targets, body)
+    async def _stream(self, send: Any, alias: Any, targets: Any, body: Any, ticket: Ticket) -> None:
+        try:
+            start = await self.dispatcher.open_stream(alias, targets, body)
+        except BaseException:
+            ticket.settle(None)
+            raise
         served_alias = start.target.alias
         relay = StreamRelay(served_alias, lambda: self.metrics.inc("gateway_stream_malformed_chunks_total", alias=served_alias))
         try:
-            await send_stream(send, relay_stream(start, relay), served_headers(served_alias, start.attempts))
+            headers = [*served_headers(served_alias, start.attempts), *ticket.headers]
+            await send_stream(send, relay_stream(start, relay), headers)
         finally:
-            await start.stream.aclose()
+            await start.aclose()
+            ticket.settle(relay.usage)
             self._count(alias.name, start.target, start.attempts, relay.usage)
 
     def _count(self, requested: str, target: Any, attempts: list[Attempt], usage: Any) -> None:
