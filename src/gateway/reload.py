@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from gateway.auth import KeyRing
+from gateway.keys import build_keyring
 from gateway.config import ConfigError, parse_config
 from gateway.metrics import Metrics
 from gateway.snapshot import Snapshot, build_snapshot
@@ -46,7 +47,7 @@ class SnapshotHolder:
         except ConfigError as exc:
             return self._failed(exc.render())
         snapshot = build_snapshot(config, source=str(self.path), content_hash=content_hash)
-        keys = KeyRing.from_env_keys(os.environ.get("GATEWAY_API_KEYS", "").split(","), required=config.auth.required)
+        keys = build_keyring(config, self.path, os.environ)
         for backend, variable in snapshot.unconfigured_backends.items():
             log.warning("backend %s is not configured: %s is unset; its aliases move on or answer 503", backend, variable)
         self.current, self.keys = snapshot, keys
