@@ -1,0 +1,78 @@
+"""The benchmark script runs end to end (``scripts/bench.py --smoke``); no thresholds, CI machines vary."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_SCRIPT = REPO_ROOT / "scripts" / "bench.py"
+NUMBER = r"-?[\d,]+(?:\.\d+)?"
+
+# Each figure row: its label, and whether it has a direct number next to the gateway's.
+FIGURE_ROWS = [
+    (r"small, c=1: p50 latency \(ms\)", True),
+    (r"small, c=64: req/s", True),
+    (r"small, c=64: gateway CPU per request \(µs\)", False),
+    (r"16 streams \([^|]*\): TTFB p50 \(ms\)", True),
+    (r"16 streams \([^|]*\): total p50 \(ms\)", True),
+    (r"200 streams \([^|]*\): streams/s", True),
+    (r"200 streams \([^|]*\): first byte p50 \(ms\)", True),
+    (r"4 MB PNG image_url, c=4: p50 latency \(ms\)", True),
+    (r"4 MB PNG image_url, c=4: gateway peak RSS \(MiB\)", False),
+]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    json_path = tmp_path_factory.mktemp("bench") / "bench.json"
+    # The venv's bin first on PATH, as `.venv/bin/python scripts/bench.py` would have it.
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    done = subprocess.run(
+        [sys.executable, str(BENCH_SCRIPT), "--smoke", "--json", str(json_path)],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    return done, json_path
+
+
+def test_smoke_run_exits_zero(smoke_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """A smoke run finishes cleanly."""
+    done, _ = smoke_run
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("label", "has_direct"), FIGURE_ROWS)
+def test_every_figure_row_has_numbers(
+    smoke_run: tuple[subprocess.CompletedProcess[str], Path], label: str, has_direct: bool
+) -> None:
+    """Every figure of the report appears as a table row with the gateway's number (and the direct one)."""
+    done, _ = smoke_run
+    direct = NUMBER if has_direct else "—"
+    row = re.compile(rf"^\| {label} \| {direct} \| {NUMBER} \| [^|]+ \|$", re.MULTILINE)
+    assert row.search(done.stdout), f"no row for {label!r} in:\n{done.stdout}"
+
+
+def test_report_names_its_load_generator(smoke_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """The report says which load generator made the numbers."""
+    done, _ = smoke_run
+    assert re.search(r"^load generator: (wrk|python asyncio\+aiohttp)", done.stdout, re.MULTILINE), done.stdout
+
+
+def test_json_holds_every_figure(smoke_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """--json writes every figure with a gateway number, and the raw per-phase results."""
+    _, json_path = smoke_run
+    document = json.loads(json_path.read_text())
+    assert len(document["figures"]) == len(FIGURE_ROWS)
+    assert all(isinstance(figure["gateway"], (int, float)) for figure in document["figures"])
+    assert set(document["phases"]) == {"small_c1", "small_c64", "streams", "slow_streams", "image"}
