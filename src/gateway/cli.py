@@ -7,52 +7,57 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config
+from gateway.keys_cli import add_keys_parser
 
 
 def _config_path(value: str | None) -> Path:
     return Path(value or os.environ.get("GATEWAY_CONFIG") or "models.toml")
 
 
-def _load_or_report(path: Path) -> object | None:
+def _load_or_report(path: Path, consequence: str) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
-        print(f"{path}: {len(exc.issues)} problem(s); nothing was served.", file=sys.stderr)
+        print(f"{path}: {len(exc.issues)} problem(s); {consequence}", file=sys.stderr)
         return None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     path = _config_path(args.config)
-    config = _load_or_report(path)
+    config = _load_or_report(path, "fix them and run `gateway check` again.")
     if config is None:
         return 1
-    print(f"{path}: OK, {len(config.models)} aliases, {len(config.backends)} backends")  # type: ignore[attr-defined]
+    print(f"{path}: OK, {len(config.models)} aliases, {len(config.backends)} backends")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from gateway.tables import alias_rows, render_markdown, render_text, seed_markdown
+    from gateway.tables import alias_rows, render_markdown, render_rules_text, render_text, rules_rows, seed_markdown
 
-    config = _load_or_report(_config_path(args.config))
+    config = _load_or_report(_config_path(args.config), "no table printed.")
     if config is None:
         return 1
-    if args.markdown:
-        print(seed_markdown(config))  # type: ignore[arg-type]
+    if args.rules:
+        # What each alias accepts, from the same compiled rules that judge requests.
+        print(render_markdown(rules_rows(config)) if args.markdown else render_rules_text(rules_rows(config)))
+    elif args.markdown:
+        print(seed_markdown(config))
         print("### All aliases\n")
-        print(render_markdown(alias_rows(config)))  # type: ignore[arg-type]
+        print(render_markdown(alias_rows(config)))
     else:
-        print(render_text(alias_rows(config)))  # type: ignore[arg-type]
+        print(render_text(alias_rows(config)))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    path = _config_path(args.config).resolve()
-    if _load_or_report(path) is None:
+    path = _config_path(args.config).absolute()
+    if _load_or_report(path, "not serving.") is None:
         return 1
-    from granian import Granian
     from granian.constants import Interfaces, Loops
+
+    from gateway.supervisor import GatewayGranian as Granian
 
     # Workers are separate processes: they find the config through the environment.
     os.environ["GATEWAY_CONFIG"] = str(path)
@@ -95,10 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="print the alias table")
     models.add_argument("--config")
     models.add_argument("--markdown", action="store_true", help="markdown: the seed pages' tables, then every alias")
+    models.add_argument("--rules", action="store_true", help="what each alias accepts, in words (with --markdown: one table)")
     models.set_defaults(run=cmd_models)
+    add_keys_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except BrokenPipeError:
+        # `gateway models | head`: the reader left; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -201,8 +201,12 @@ CATALOG: Mapping[str, ErrorKind] = _kinds(
 
 
 def render_param(at: Location | None) -> str | None:
-    """``("messages", 0, "content")`` → ``messages[0].content`` (the seed's form)."""
-    if at is None:
+    """``("messages", 0, "content")`` → ``messages[0].content`` (the seed's form).
+
+    No location, or the body as a whole (``()``), renders as null: a client
+    highlights a field, and there is none to highlight.
+    """
+    if not at:
         return None
     out: list[str] = []
     for part in at:
@@ -214,8 +218,8 @@ def render_param(at: Location | None) -> str | None:
 
 
 def render_pointer(at: Location | None) -> str | None:
-    """``("messages", 0, "content")`` → ``/messages/0/content`` (RFC 6901)."""
-    if at is None:
+    """``("messages", 0, "content")`` → ``/messages/0/content`` (RFC 6901); null like ``render_param``."""
+    if not at:
         return None
     return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in at)
 

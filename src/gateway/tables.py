@@ -1,9 +1,16 @@
-"""The alias tables ``gateway models`` prints: plain text, or the seed pages' markdown."""
+"""The alias tables ``gateway models`` prints: plain text, or the seed pages' markdown.
+
+``gateway models --rules`` prints what each alias accepts, in words, from the
+same compiled rules that judge requests (``AliasRules.explain``): one block per
+alias in plain text, one table in markdown.
+"""
 
 from __future__ import annotations
 
+import json
+
 from gateway.config.model import Config
-from gateway.rules import compile_rules
+from gateway.rules import AliasRules, compile_rules
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
@@ -25,9 +32,19 @@ def _limits(config: Config, alias: str) -> str:
         parts.append(f"max_tokens >= {rules.min_max_tokens}")
     if rules.max_output_tokens:
         parts.append(f"max_tokens <= {rules.max_output_tokens}")
-    if rules.max_images and "image" in rules.input:
-        parts.append(f"{rules.max_images} images of {rules.max_image_bytes or 0:,} B")
+    images = _image_limits(rules)
+    if images[0] and "image" in rules.input:
+        parts.append(f"{images[0]} images of {images[1] or 0:,} B")
     return ", ".join(parts) or "-"
+
+
+def _image_limits(rules: AliasRules) -> tuple[int | None, int | None]:
+    """An alias's image limits; a composite that declares none shows its members' when they agree."""
+    own = (rules.max_images, rules.max_image_bytes)
+    if own != (None, None) or not rules.members:
+        return own
+    members = {_image_limits(member) for member in rules.members}
+    return members.pop() if len(members) == 1 else own
 
 
 def _target(config: Config, alias: str) -> str:
@@ -97,8 +114,12 @@ def seed_markdown(config: Config) -> str:
             continue
         name = f"{alias} (local)" if is_local(config, alias) else alias
         vision.append(f"| {name} | {config.models[alias].notes} |")
-    if image_out:
-        vision.append(f"| {', '.join(image_out)} | Vision input + image output |")
+    # The seed gives image-output aliases one row when they share their notes.
+    by_notes: dict[str, list[str]] = {}
+    for alias in image_out:
+        by_notes.setdefault(config.models[alias].notes, []).append(alias)
+    for notes, aliases in by_notes.items():
+        vision.append(f"| {', '.join(aliases)} | {notes} |")
 
     images = ["### Image generation", "", "| Alias | Underlying model | Cold latency | Cost (rough) |", "|---|---|---|---|"]
     for alias in image_out:
@@ -106,3 +127,47 @@ def seed_markdown(config: Config) -> str:
         underlying = spec.model if spec.route is None else "composite (" + " → ".join(spec.route) + ")"
         images.append(f"| {alias} | {underlying} | {_latency(config, alias)} | {_cost(config, alias)} |")
     return "\n".join(vision + ["", *images]) + "\n"
+
+
+RULE_TOPICS = ("input", "output", "images", "max_tokens", "context", "features", "route", "upstream")
+
+
+def _upstream_words(config: Config, alias: str) -> str:
+    """How the request is shaped for the upstream (operator-only: /v1/models does not show it)."""
+    spec = config.models[alias]
+    words = [f"{old} is sent as {new}" for old, new in spec.rename.items()]
+    words += [f"{key} = {json.dumps(value, default=str)} unless the client sets it" for key, value in spec.params.items()]
+    return "; ".join(words) or "-"
+
+
+def _route_words(config: Config, alias: str, rules: AliasRules) -> str:
+    words = dict(rules.explain()).get("route", "")
+    fallback = config.models[alias].fallback
+    if fallback:
+        skip = "tried when every own target fails, skipped when it cannot serve the request"
+        words = (words + "; " if words else "") + f"fallback {' → '.join(fallback)} ({skip})"
+    return words or "-"
+
+
+def rules_rows(config: Config) -> list[list[str]]:
+    """One row per alias: what it accepts, topic by topic, in words."""
+    rows = [["alias", *RULE_TOPICS]]
+    for alias in config.models:
+        rules = compile_rules(alias, config.models, config.defaults)
+        words = dict(rules.explain())
+        words["route"] = _route_words(config, alias, rules)
+        words["upstream"] = _upstream_words(config, alias)
+        rows.append([alias, *(words[topic] for topic in RULE_TOPICS)])
+    return rows
+
+
+def render_rules_text(rows: list[list[str]]) -> str:
+    """Plain text: a block per alias (the words are too long for one terminal row)."""
+    width = max(len(topic) for topic in rows[0][1:])
+    blocks = []
+    for row in rows[1:]:
+        lines = [row[0]]
+        lines += [f"  {topic.ljust(width)}  {words}" for topic, words in zip(rows[0][1:], row[1:], strict=True)]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+

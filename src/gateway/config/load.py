@@ -5,10 +5,13 @@ How it works:
 2. Structure each section, each backend and each alias on its own with one strict
    cattrs converter, so one bad alias does not hide the problems of the next.
    cattrs' error groups are walked into ``ConfigIssue(path, message)``.
-3. Check what types cannot say: positive numbers, known modalities, references
-   between aliases and backends, exactly one of backend+model or route, cycles,
-   composites declaring only what their members have.
-4. Give every issue the line of its path (or of the nearest enclosing key) and
+3. Check the values types cannot judge (positive numbers, known modalities) on the
+   raw tables, so they are reported even next to a type error in the same entry.
+4. Cross-check what spans entries: references between aliases and backends,
+   exactly one of backend+model or route, cycles, composites declaring only what
+   their members have. An entry with a type error takes part without its bad
+   keys, so a typo in one key does not hide a dangling route in another.
+5. Give every issue the line of its path (or of the nearest enclosing key) and
    raise ``ConfigError`` with all of them, in file order.
 """
 
@@ -18,9 +21,9 @@ import difflib
 import json
 import re
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_origin
 
 import attrs
 import cattrs
@@ -51,6 +54,10 @@ SECTIONS: Mapping[str, type] = {
 }
 TABLES_OF_ENTRIES: Mapping[str, type] = {"backends": Backend, "models": AliasSpec}
 BARE_KEY = re.compile(r"[A-Za-z0-9_]+")
+# Numbers where 0 means something (no retries, no queue, free) but a negative one is a typo.
+NON_NEGATIVE_FIELDS = frozenset({"retries", "max_queue", "cost_per_mtok_usd"})
+# Keys whose problems make the alias's shape unknowable: its shape check is skipped then.
+SHAPE_KEYS = frozenset({"backend", "model", "route"})
 
 
 def render_path(path: ConfigPath) -> str:
@@ -75,6 +82,8 @@ class ConfigIssue:
 
     def render(self, source: str) -> str:
         where = f"{source}:{self.line}" if self.line else source
+        if not self.path:  # the file as a whole: syntax, encoding, unreadable
+            return f"{where}: {self.message}"
         return f"{where}: {render_path(self.path)}: {self.message}"
 
 
@@ -108,6 +117,16 @@ def _strict(kind: type[T], name: str, accept: tuple[type, ...]) -> Any:
     return hook
 
 
+def _shaped(container: type, name: str, inner: Any) -> Any:
+    # cattrs would take any iterable: `input = "image"` must not become ("i", "m", "a", "g", "e").
+    def hook(value: Any, kind: Any) -> Any:
+        if not isinstance(value, container):
+            raise TypeError(f"expected {name}, got {_describe(value)}")
+        return inner(value, kind)
+
+    return hook
+
+
 def make_converter() -> cattrs.Converter:
     """The one converter: unknown keys are errors and nothing is coerced."""
     converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
@@ -115,7 +134,23 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _strict(float, "a number", (int, float)))
     converter.register_structure_hook(str, _strict(str, "a string", (str,)))
     converter.register_structure_hook(bool, _strict(bool, "true or false", (bool,)))
+    # The element hooks are the strict ones above; only the container's own shape is added.
+    elements = converter.copy()
+    converter.register_structure_hook_factory(
+        _is_tuple_type, lambda kind: _shaped(list, "an array", elements.get_structure_hook(kind))
+    )
+    converter.register_structure_hook_factory(
+        _is_mapping_type, lambda kind: _shaped(dict, "a table", elements.get_structure_hook(kind))
+    )
     return converter
+
+
+def _is_tuple_type(kind: Any) -> bool:
+    return get_origin(kind) is tuple
+
+
+def _is_mapping_type(kind: Any) -> bool:
+    return get_origin(kind) in (Mapping, dict)
 
 
 CONVERTER = make_converter()
@@ -157,24 +192,61 @@ def _issues_from(exc: BaseException, path: ConfigPath) -> Iterator[ConfigIssue]:
         yield ConfigIssue(path, f"wrong type: {exc}")
 
 
-def _structure(raw: Any, cls: type[T], path: ConfigPath, issues: list[ConfigIssue]) -> T | None:
+def _structure(raw: Any, cls: type[T], path: ConfigPath, issues: list[ConfigIssue]) -> tuple[T | None, frozenset[str]]:
+    """Structure one table; report its problems; return it (without its bad keys, if any) and those keys."""
     if not isinstance(raw, dict):
         issues.append(ConfigIssue(path, f"expected a table, got {_describe(raw)}"))
-        return None
+        return None, frozenset()
+    issues.extend(_check_values(raw, cls, path))
     try:
-        value = CONVERTER.structure(raw, cls)
-    except Exception as exc:  # cattrs raises groups and plain errors alike
-        issues.extend(_issues_from(exc, path))
-        return None
-    issues.extend(_check_positive(value, path))
-    return value
+        return CONVERTER.structure(raw, cls), frozenset()
+    except Exception as exc:  # noqa: BLE001 -- cattrs raises groups and plain errors alike; all are issues
+        found = list(_issues_from(exc, path))
+    issues.extend(found)
+    bad = frozenset(str(issue.path[len(path)]) for issue in found if len(issue.path) > len(path))
+    # The entry without its bad keys still takes part in the cross-checks (their
+    # problems are reported already); a missing required key leaves nothing to check.
+    try:
+        return CONVERTER.structure({k: v for k, v in raw.items() if k not in bad}, cls), bad
+    except Exception:  # noqa: BLE001 -- already reported above
+        return None, bad
 
 
-def _check_positive(value: Any, path: ConfigPath) -> Iterator[ConfigIssue]:
-    for field in attrs.fields(type(value)):
-        number = getattr(value, field.name)
-        if field.metadata.get("positive") and number is not None and number <= 0:
-            yield ConfigIssue(path + (field.name,), f"must be a positive number, got {_describe(number)}")
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(raw: Mapping[str, Any], cls: type, path: ConfigPath) -> Iterator[ConfigIssue]:
+    """Value checks on the raw table; a value of the wrong type is left to the converter's report."""
+    for field in attrs.fields(cls):
+        value = raw.get(field.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if field.metadata.get("positive") and value <= 0:
+            yield ConfigIssue(path + (field.name,), f"must be a positive number, got {_describe(value)}")
+        elif field.name in NON_NEGATIVE_FIELDS and value < 0:
+            yield ConfigIssue(path + (field.name,), f"must be 0 or more, got {_describe(value)}")
+    if cls is AliasSpec:
+        yield from _check_alias_values(raw, path)
+
+
+def _check_alias_values(raw: Mapping[str, Any], path: ConfigPath) -> Iterator[ConfigIssue]:
+    for key, allowed in (("input", MODALITIES), ("output", OUTPUT_MODALITIES)):
+        listed = raw.get(key)
+        if not isinstance(listed, list):
+            continue
+        if not listed:
+            yield ConfigIssue(path + (key,), f"lists no modality; one or more of {', '.join(allowed)}")
+        for i, modality in enumerate(listed):
+            if isinstance(modality, str) and modality not in allowed:
+                close = difflib.get_close_matches(modality, allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                yield ConfigIssue(path + (key, i), f"unknown modality {modality!r}{hint}; one of {', '.join(allowed)}")
+    latency = raw.get("cold_latency_s")
+    if not isinstance(latency, list) or not all(_is_number(x) for x in latency):
+        return  # a wrong type is the converter's to report
+    if not 1 <= len(latency) <= 2 or latency != sorted(latency) or any(x < 0 for x in latency):
+        yield ConfigIssue(path + ("cold_latency_s",), "expected [seconds] or [low, high] with 0 <= low <= high")
 
 
 # ---------------------------------------------------------------- cross-checks
@@ -187,7 +259,7 @@ def _unknown_name_message(kind: str, name: str, known: Iterable[str]) -> str:
     return f"unknown {kind} {name!r}; {hint}"
 
 
-def _check_alias_shape(name: str, spec: AliasSpec, backends: Mapping[str, Any]) -> Iterator[ConfigIssue]:
+def _check_alias_shape(name: str, spec: AliasSpec, backends: Collection[str]) -> Iterator[ConfigIssue]:
     at: ConfigPath = ("models", name)
     if spec.route is not None:
         if spec.backend is not None or spec.model is not None:
@@ -204,17 +276,6 @@ def _check_alias_shape(name: str, spec: AliasSpec, backends: Mapping[str, Any]) 
         yield ConfigIssue(at + ("backend",), _unknown_name_message("backend", spec.backend, backends))
     if spec.model is None:
         yield ConfigIssue(at + ("model",), "missing: the model id the backend knows")
-
-
-def _check_modalities(name: str, spec: AliasSpec) -> Iterator[ConfigIssue]:
-    for key, allowed in (("input", MODALITIES), ("output", OUTPUT_MODALITIES)):
-        for i, modality in enumerate(getattr(spec, key) or ()):
-            if modality not in allowed:
-                yield ConfigIssue(("models", name, key, i), f"unknown modality {modality!r}; one of {', '.join(allowed)}")
-    if spec.cold_latency_s is not None and (
-        not 1 <= len(spec.cold_latency_s) <= 2 or list(spec.cold_latency_s) != sorted(spec.cold_latency_s)
-    ):
-        yield ConfigIssue(("models", name, "cold_latency_s"), "expected [seconds] or [low, high] with low <= high")
 
 
 def _members(spec: AliasSpec) -> Iterator[tuple[str, int, str]]:
@@ -238,17 +299,18 @@ def _check_cycles(models: Mapping[str, AliasSpec]) -> Iterator[ConfigIssue]:
 
     def visit(name: str, trail: list[str]) -> Iterator[ConfigIssue]:
         spec = models[name]
+        here = [*trail, name]  # the path from the start of the search to this alias
         for key, i, member in _members(spec):
             if member not in models:
                 continue
-            if member in trail:
-                cycle = trail[trail.index(member) :] + [name]
+            if member in here:
+                cycle = here[here.index(member) :]
                 if frozenset(cycle) not in reported:
                     reported.add(frozenset(cycle))
                     shown = " → ".join([*cycle, member])
                     yield ConfigIssue(("models", name, key, i), f"cycle through route/fallback: {shown}")
             elif member not in done:
-                yield from visit(member, [*trail, name])
+                yield from visit(member, here)
         done.add(name)
 
     for name in models:
@@ -290,6 +352,68 @@ def _check_composite_capabilities(models: Mapping[str, AliasSpec]) -> Iterator[C
                 yield ConfigIssue(("models", name, flag), f"declared true, but every member of the route declares {flag} = false")
 
 
+# Request fields the gateway itself decides: `params` may not set them and `rename`
+# may not move them (a default `stream = true` would break a client that did not ask).
+RESERVED_FIELDS = ("model", "messages", "stream")
+# Limits a composite may declare only as large as a member's: what no member takes is
+# a capability no member has (rule 6). Image limits of a target fall back to [defaults].
+COMPOSITE_LIMITS = ("context_window", "max_output_tokens", "max_images", "max_image_bytes")
+
+
+def _member_limit(models: Mapping[str, AliasSpec], defaults: Defaults, name: str, key: str, seen: frozenset[str]) -> int | None:
+    """The most any target under ``name`` takes for ``key`` (None: no limit, or unknowable)."""
+    spec = models.get(name)
+    if spec is None or name in seen:
+        return None
+    declared: int | None = getattr(spec, key)
+    if declared is not None:
+        return declared
+    if spec.route is None:
+        return getattr(defaults, key, None)
+    limits = [_member_limit(models, defaults, member, key, seen | {name}) for member in spec.route]
+    return None if not limits or None in limits else max(x for x in limits if x is not None)
+
+
+def _check_composite_limits(models: Mapping[str, AliasSpec], defaults: Defaults) -> Iterator[ConfigIssue]:
+    for name, spec in models.items():
+        if not spec.route or any(m not in models for m in spec.route):
+            continue
+        for key in COMPOSITE_LIMITS:
+            declared = getattr(spec, key)
+            limits = [_member_limit(models, defaults, m, key, frozenset({name})) for m in spec.route]
+            if declared is None or None in limits:
+                continue
+            most = max(x for x in limits if x is not None)
+            if declared > most:
+                yield ConfigIssue(
+                    ("models", name, key),
+                    f"{declared} is more than any member of the route takes (at most {most}; members: {', '.join(spec.route)})",
+                )
+
+
+def _check_alias_rules(models: Mapping[str, AliasSpec]) -> Iterator[ConfigIssue]:
+    """Keys of one alias that contradict each other or the gateway's own fields."""
+    for name, spec in models.items():
+        at: ConfigPath = ("models", name)
+        if spec.min_max_tokens is not None and spec.max_output_tokens is not None and spec.min_max_tokens > spec.max_output_tokens:
+            yield ConfigIssue(
+                at + ("min_max_tokens",),
+                f"{spec.min_max_tokens} is more than max_output_tokens ({spec.max_output_tokens}): no max_tokens could pass",
+            )
+        for key in spec.params:
+            if key in RESERVED_FIELDS:
+                yield ConfigIssue(at + ("params", key), f"the gateway sets `{key}` itself; params may not")
+        targets: dict[str, str] = {}
+        for old, new in spec.rename.items():
+            if old in RESERVED_FIELDS or new in RESERVED_FIELDS:
+                yield ConfigIssue(at + ("rename", old), f"the gateway sets `{old if old in RESERVED_FIELDS else new}` itself; rename may not move it")
+            elif old == new:
+                yield ConfigIssue(at + ("rename", old), "renames a field to itself")
+            elif new in targets:
+                yield ConfigIssue(at + ("rename", old), f"`{targets[new]}` is renamed to {new!r} already")
+            targets.setdefault(new, old)
+
+
 # ---------------------------------------------------------------- line locator
 
 
@@ -310,11 +434,66 @@ def _table_path(header: str) -> ConfigPath | None:
 KEY_LINE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
 
 
+def _string_end(text: str, i: int) -> int:
+    """The offset just past the TOML string that opens at ``text[i]``."""
+    for quotes in ('"""', "'''"):
+        if text.startswith(quotes, i):
+            close = text.find(quotes, i + 3)
+            return len(text) if close < 0 else close + 3
+    quote, i = text[i], i + 1
+    while i < len(text) and text[i] not in (quote, "\n"):
+        i += 2 if quote == '"' and text[i] == "\\" else 1
+    return i + 1
+
+
+def _array_lines(text: str, i: int, line: int) -> tuple[dict[int, int], int]:
+    """For the array opening at ``text[i]``: the line of each element, and the line it closes on.
+
+    A dangling ``route[1]`` then points at its own line of a multi-line array.
+    """
+    elements: dict[int, int] = {}
+    depth, index, expecting = 0, 0, False
+    while i < len(text):
+        char = text[i]
+        if char == "\n":
+            line += 1
+        elif char == "#":
+            i = text.find("\n", i)
+            if i < 0:
+                break
+            continue
+        elif depth == 1 and expecting and not char.isspace() and char not in ",]":
+            elements[index], expecting = line, False
+        if char in "\"'":
+            end = _string_end(text, i)
+            line += text.count("\n", i, end)
+            i = end
+            continue
+        if char in "[{":
+            depth += 1
+            expecting = expecting or depth == 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                break
+        elif char == "," and depth == 1:
+            index, expecting = index + 1, True
+        i += 1
+    return elements, line
+
+
 def locate_lines(text: str) -> dict[ConfigPath, int]:
-    """Map each table and key path of the file to the line where it is written."""
+    """Map each table, key and array element path of the file to the line where it is written."""
     lines: dict[ConfigPath, int] = {}
     table: ConfigPath = ()
-    for number, line in enumerate(text.splitlines(), 1):
+    # TOML counts lines by "\n" only; str.splitlines() would also split at \x0c or \u2028.
+    starts = [0]
+    starts += [i + 1 for i, char in enumerate(text) if char == "\n"]
+    number = 0
+    while number < len(starts):
+        offset = starts[number]
+        number += 1
+        line = text[offset : starts[number] - 1] if number < len(starts) else text[offset:]
         stripped = line.strip()
         if stripped.startswith("["):
             found = _table_path(stripped.split("#", 1)[0] if '"' not in stripped else stripped)
@@ -322,13 +501,23 @@ def locate_lines(text: str) -> dict[ConfigPath, int]:
                 found = _table_path(stripped.split("#", 1)[0])
             if found is not None:
                 table = found
-                lines.setdefault(table, number)
+                # [models."a"] is also where the file first speaks of models.
+                for end in range(1, len(table) + 1):
+                    lines.setdefault(table[:end], number)
             continue
         match = KEY_LINE.match(line)
-        if match:
-            key_path = _table_path(f"[{match.group(1)}]")
-            if key_path:
-                lines.setdefault(table + key_path, number)
+        if not match:
+            continue
+        key_path = _table_path(f"[{match.group(1)}]")
+        if not key_path:
+            continue
+        lines.setdefault(table + key_path, number)
+        value_at = offset + match.end() + len(line[match.end() :]) - len(line[match.end() :].lstrip())
+        if text.startswith("[", value_at):
+            elements, last = _array_lines(text, value_at, number)
+            for index, element_line in elements.items():
+                lines.setdefault((*table, *key_path, index), element_line)
+            number = last  # the array's own lines hold no keys or headers
     return lines
 
 
@@ -350,12 +539,16 @@ def parse_config(data: bytes, source: str = "models.toml") -> Config:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(source, [ConfigIssue((), f"not UTF-8 text: {exc.reason} at byte {exc.start}")]) from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        message = f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, column {column} ({exc.reason}); save the file as UTF-8"
+        raise ConfigError(source, [ConfigIssue((), message, line)]) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         found = SYNTAX_LINE.search(str(exc))
-        line = int(found.group(1)) if found else None
+        # tomllib says "(at end of document)" without a line: a half-written file ends there.
+        line = int(found.group(1)) if found else text.count("\n") + 1
         raise ConfigError(source, [ConfigIssue((), f"TOML syntax error: {exc}", line)]) from None
 
     issues: list[ConfigIssue] = []
@@ -363,34 +556,38 @@ def parse_config(data: bytes, source: str = "models.toml") -> Config:
     known_tables = [*SECTIONS, *TABLES_OF_ENTRIES]
     for key, value in raw.items():
         if key in SECTIONS:
-            sections[key] = _structure(value, SECTIONS[key], (key,), issues)
+            sections[key], _ = _structure(value, SECTIONS[key], (key,), issues)
         elif key not in TABLES_OF_ENTRIES:
             issues.append(ConfigIssue((key,), _unknown_key_message(key, known_tables).replace("key", "table", 1)))
 
     entries: dict[str, dict[str, Any]] = {}
     raw_names: dict[str, set[str]] = {}
+    bad_keys: dict[str, frozenset[str]] = {}
     for table, cls in TABLES_OF_ENTRIES.items():
         value = raw.get(table, {})
         entries[table] = {}
         if not isinstance(value, dict):
             issues.append(ConfigIssue((table,), f"expected a table, got {_describe(value)}"))
-            value = {}
-        raw_names[table] = set(value)
-        for name, entry in value.items():
-            structured = _structure(entry, cls, (table, name), issues)
+            value = None
+        raw_names[table] = set(value or ())
+        for name, entry in (value or {}).items():
+            structured, bad = _structure(entry, cls, (table, name), issues)
             if structured is not None:
                 entries[table][name] = structured
+            if table == "models":
+                bad_keys[name] = bad
 
     models: dict[str, AliasSpec] = entries["models"]
     for name, spec in models.items():
-        issues.extend(_check_alias_shape(name, spec, raw_names["backends"]))
-        issues.extend(_check_modalities(name, spec))
+        if not bad_keys[name] & SHAPE_KEYS:
+            issues.extend(_check_alias_shape(name, spec, raw_names["backends"]))
     # Names that failed to structure still exist: do not report them as dangling too.
     issues.extend(_check_references(models, raw_names["models"]))
     issues.extend(_check_cycles(models))
-    if not any(i.message.startswith("cycle") for i in issues):
-        issues.extend(_check_composite_capabilities(models))
-    if not raw_names["models"]:
+    issues.extend(_check_composite_capabilities(models))
+    issues.extend(_check_composite_limits(models, sections.get("defaults") or Defaults()))
+    issues.extend(_check_alias_rules(models))
+    if raw.get("models", {}) == {}:
         issues.append(ConfigIssue(("models",), "no aliases: add at least one [models.\"ALIAS\"] table"))
 
     if issues:
