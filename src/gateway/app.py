@@ -4,6 +4,13 @@
 ``--factory``). It reads ``GATEWAY_CONFIG`` (default ``./models.toml``) when no
 path is given; ``transport`` is the seam tests use to put an
 ``httpx.MockTransport`` under the one upstream client.
+
+Each granian worker is its own process with its own app: it loads the config at
+start, and its lifespan runs live reload (file watch and SIGHUP, ``gateway.watch``)
+until shutdown. The upstream client outlives every reload: it pools connections
+per host, so a backend changed by a reload is reached with the new settings by
+new requests, while requests in flight keep their connection to the end; the
+pool closes a removed backend's connections once idle (keep-alive expiry).
 """
 
 from __future__ import annotations
@@ -18,18 +25,24 @@ from typing import Any
 
 import attrs
 import httpx
-from litestar import Litestar, Request, Response, asgi
+from litestar import Litestar, Request, Response, asgi, post
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException, ValidationException
-from litestar.openapi import OpenAPIConfig
+from litestar.handlers import HTTPRouteHandler
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.params import JSONBody
 
+from gateway.admission import RateAdmission
 from gateway.api.completions import CompletionService
 from gateway.api.info import INFO_HANDLERS
+from gateway.c1 import C1ChatRequest, translate_c1
+from gateway.concurrency import BackendGates
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthBoard
 from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
 from gateway.upstream import UpstreamClient
+from gateway.watch import LiveReload
 
 log = logging.getLogger("gateway")
 
@@ -43,33 +56,39 @@ class GatewayState:
     health: HealthBoard
     client: UpstreamClient | None = None
     completions: CompletionService | None = None
+    live_reload: LiveReload | None = None
 
 
-class RequestIdMiddleware:
-    """Give every response an ``x-request-id`` (the client's, when it sent one)."""
+def _send_with_request_id(scope: Any, send: Any) -> Any:
+    """Name the request (the client's ``x-request-id``, or a new one) and put the id on its response."""
+    rid = None
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            rid = value[:128]
+            break
+    if not rid:
+        rid = uuid.uuid4().hex.encode()
+    scope["gateway_request_id"] = rid.decode("latin-1")
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    async def send_with_id(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+        await send(message)
+
+    return send_with_id
+
+
+class GatewayApp(Litestar):
+    """Litestar that gives every response an ``x-request-id``.
+
+    Done here rather than as Litestar middleware: Litestar runs middleware only
+    for matched routes, and 404 and 405 answers need the header too.
+    """
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = None
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                rid = value[:128]
-                break
-        if not rid:
-            rid = uuid.uuid4().hex.encode()
-        scope["gateway_request_id"] = rid.decode("latin-1")
-
-        async def send_with_id(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
+        if scope["type"] == "http":
+            send = _send_with_request_id(scope, send)
+        await super().__call__(scope, receive, send)
 
 
 def _envelope(error: GatewayError) -> Response[Any]:
@@ -94,6 +113,8 @@ def _http_exception(request: Request[Any, Any, Any], exc: Exception) -> Response
 
 def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
     """The gateway app for one config file; it loads the file now and serves the last good load."""
+    # Before the first load, so that its log lines (and an unset backend key's warning) are seen.
+    logging.basicConfig(level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = Path(config_path or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
     metrics = Metrics()
     holder = SnapshotHolder(path, metrics)
@@ -105,10 +126,19 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         # The client's connection pool belongs to the serving event loop: make it here.
         state.client = UpstreamClient(transport)
         routing = lambda: (holder.current.config.routing if holder.current else None)  # noqa: E731
-        state.completions = CompletionService(holder, Dispatcher(state.client, state.health, routing), metrics)
+        # Limits read the serving config on every request, so they follow reloads.
+        config = lambda: (holder.current.config if holder.current else None)  # noqa: E731
+        admission = RateAdmission(config)
+        dispatcher = Dispatcher(state.client, state.health, routing, slots=BackendGates(config))
+        state.completions = CompletionService(holder, dispatcher, metrics, admission=admission)
+        state.live_reload = LiveReload(holder)
+        await state.live_reload.start()
         try:
             yield
         finally:
+            # Stop reloading first: a reload must not race the client's shutdown.
+            await state.live_reload.stop()
+            await admission.aclose()
             await state.client.aclose()
 
     @asgi("/v1/chat/completions", copy_scope=False)
@@ -116,15 +146,19 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         assert state.completions is not None
         await state.completions.handle(scope, receive, send)
 
-    logging.basicConfig(level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return Litestar(
-        route_handlers=[chat_completions, *INFO_HANDLERS],
+    @asgi("/c1/chat", copy_scope=False)
+    async def c1_chat(scope: Any, receive: Any, send: Any) -> None:
+        assert state.completions is not None
+        await state.completions.handle(scope, receive, send, translate=translate_c1)
+
+    return GatewayApp(
+        route_handlers=[chat_completions, c1_chat, *INFO_HANDLERS],
         lifespan=[lifespan],
-        middleware=[RequestIdMiddleware],
         exception_handlers={Exception: _http_exception},
         state=None,
         openapi_config=OpenAPIConfig(title="DGX LLM Chat Gateway", version="0.1.0", path="/openapi"),
         on_app_init=[lambda cfg: _set_state(cfg, state)],
+        on_startup=[lambda app: document_raw_routes(app, [_c1_chat_description()])],
     )
 
 
@@ -133,3 +167,48 @@ def _set_state(app_config: Any, state: GatewayState) -> Any:
 
     app_config.state = State({"gateway": state})
     return app_config
+
+
+def _c1_chat_description() -> HTTPRouteHandler:
+    """``POST /c1/chat`` for the OpenAPI document; never served (the raw ASGI handler is)."""
+
+    @post(
+        "/c1/chat",
+        status_code=200,
+        tags=["chat"],
+        summary="Chat with a top-level message and images",
+        description=(
+            "The shortcut of the vision page: `message` (a string, or an array of content parts) and "
+            "top-level `images` are rebuilt into one user message of content parts, after the optional "
+            "`system` prompt and `messages` history; every other field passes through. The answer is "
+            "exactly that of POST /v1/chat/completions (JSON, or SSE with `\"stream\": true`). Error "
+            "`param`/`pointer` name places in this body, e.g. `images[1].url`."
+        ),
+        response_description="The chat completion, or with `\"stream\": true` an SSE stream ending in `data: [DONE]`.",
+        responses={
+            400: ResponseSpec(
+                data_container=dict[str, Any],
+                generate_examples=False,
+                description="An OpenAI error envelope: error.type, code, message, param, pointer (GET /v1/gateway/errors).",
+            )
+        },
+    )
+    async def c1_chat(data: JSONBody[C1ChatRequest]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    return c1_chat
+
+
+def document_raw_routes(app: Litestar, descriptions: list[HTTPRouteHandler]) -> None:
+    """Put raw ``@asgi`` routes into ``app``'s OpenAPI document.
+
+    Litestar documents only HTTP routes, and an ``@asgi`` path cannot hold an
+    HTTP handler too. So each description (a never-served handler of the same
+    path whose ``data`` type is the request schema) is rendered by a scratch app,
+    and its paths and schemas are copied into ``app``'s document, which Litestar
+    builds once and keeps (nothing registers routes after startup).
+    """
+    scratch = Litestar(route_handlers=descriptions, logging_config=None, openapi_config=OpenAPIConfig(title="-", version="-"))
+    described, document = scratch.openapi_schema, app.openapi_schema
+    document.paths = {**(document.paths or {}), **(described.paths or {})}
+    document.components.schemas.update(described.components.schemas)

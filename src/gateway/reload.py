@@ -1,64 +1,225 @@
-"""Hold the serving snapshot and replace it whole when models.toml changes (SPEC §7).
+"""Hold the serving configuration and replace it whole when its files change (SPEC §7).
 
-1. Read the file's bytes; identical bytes (same SHA-256) change nothing.
-2. Parse, check and compile a new ``Snapshot`` off the request path.
-3. Swap it in with one assignment. A request reads ``holder.current`` once and
-   finishes on that snapshot, whatever happens to the file meanwhile.
-4. A bad file changes nothing but ``last_error``: the last good snapshot serves on.
+How a load goes:
+1. Read the bytes of models.toml and of the keys file it names (if any) and hash
+   each (SHA-256). Identical bytes change nothing, unless the load is forced (SIGHUP).
+2. Parse, check and compile a new ``Snapshot`` and ``KeyRing`` (``prepare``). The
+   async ``reload`` runs this in a worker thread, so a large file's parse never
+   stalls requests on the event loop.
+3. Swap them in with one assignment, on the event loop (``apply``). A request reads
+   ``holder.current`` once and finishes on that snapshot, whatever happens to the
+   files meanwhile.
+4. A bad file (syntax, unknown key, wrong type, dangling alias, cycle, deleted,
+   half written) changes nothing but ``last_error``: the last good configuration
+   serves on, and the error is logged once, not on every event that repeats it.
+5. A good load clears ``last_error`` and logs what changed (``gateway.changes``).
+
+``gateway.watch`` decides *when* to reload; this module decides *what* serves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+import attrs
+
 from gateway.auth import KeyRing
-from gateway.keys import build_keyring
-from gateway.config import ConfigError, parse_config
+from gateway.changes import diff_configs
+from gateway.config import ConfigError, ConfigIssue, parse_config
+from gateway.keys import build_keyring, keys_file_path
 from gateway.metrics import Metrics
 from gateway.snapshot import Snapshot, build_snapshot
 
 log = logging.getLogger("gateway.reload")
 
+# The hash a keys file that cannot be read gets: its appearance later is a change.
+UNREADABLE = "unreadable"
+
+
+@attrs.frozen
+class Serving:
+    """What requests are served from: swapped as one object, never mutated."""
+
+    snapshot: Snapshot
+    keys: KeyRing
+    keys_path: Path | None
+    keys_hash: str | None
+
+
+@attrs.frozen
+class Prepared:
+    """The outcome of ``prepare``: a new ``Serving``, an error, or the files unchanged."""
+
+    serving: Serving | None = None
+    error: str | None = None
+    # The files hold exactly what serves (an edit undone after a bad save, say).
+    unchanged: bool = False
+    # The keys file the newest parsable models.toml names, even when the load failed:
+    # creating that file must wake the watcher.
+    keys_path_seen: Path | None = None
+    forced: bool = False
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hash_file(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return _sha256(path.read_bytes())
+    except OSError:
+        return UNREADABLE
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    issue = ConfigIssue((), f"cannot read the file: {exc.strerror or exc}")
+    return ConfigError(str(path), [issue]).render()
+
 
 class SnapshotHolder:
-    def __init__(self, path: str | Path, metrics: Metrics | None = None) -> None:
+    """The one place that knows which configuration serves, and why the last load failed."""
+
+    def __init__(
+        self, path: str | Path, metrics: Metrics | None = None, environ: Mapping[str, str] | None = None
+    ) -> None:
         self.path = Path(path)
         self.metrics = metrics or Metrics()
-        self.current: Snapshot | None = None
-        self.keys: KeyRing = KeyRing({})
+        self.environ = os.environ if environ is None else environ
+        self.serving: Serving | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self._keys_path_seen: Path | None = None
+        self._lock = asyncio.Lock()
 
-    def load(self) -> bool:
-        """Load the file if it changed; True when a new snapshot now serves."""
+    # ------------------------------------------------------------ what serves
+
+    @property
+    def current(self) -> Snapshot | None:
+        serving = self.serving
+        return serving.snapshot if serving else None
+
+    @property
+    def keys(self) -> KeyRing:
+        serving = self.serving
+        if serving is not None:
+            return serving.keys
+        # No configuration yet: GATEWAY_API_KEYS still opens the status page, which says why.
+        return KeyRing.from_env_keys(self.environ.get("GATEWAY_API_KEYS", "").split(","))
+
+    def watched_paths(self) -> tuple[Path, ...]:
+        """models.toml, plus the keys file the serving config names and the one the newest edit names."""
+        serving = self.serving
+        extra = {p for p in (serving.keys_path if serving else None, self._keys_path_seen) if p is not None}
+        return (self.path, *sorted(extra))
+
+    # ------------------------------------------------------------ loading
+
+    def load(self, *, force: bool = False, reason: str = "startup") -> bool:
+        """Load now, on this thread; True when a new configuration serves."""
+        return self.apply(self.prepare(force=force), reason=reason)
+
+    async def reload(self, *, force: bool = False, reason: str = "file changed") -> bool:
+        """Load off the event loop, then swap on it; concurrent calls run one after the other."""
+        async with self._lock:
+            prepared = await asyncio.to_thread(self.prepare, force=force)
+            return self.apply(prepared, reason=reason)
+
+    def prepare(self, *, force: bool = False) -> Prepared:
+        """Read, parse and compile the files; touches nothing that serves (safe on any thread)."""
         try:
             data = self.path.read_bytes()
         except OSError as exc:
-            return self._failed(f"{self.path}: cannot read the file: {exc.strerror or exc}")
-        content_hash = hashlib.sha256(data).hexdigest()
-        if self.current is not None and self.current.content_hash == content_hash:
-            return False
+            return Prepared(error=_unreadable(self.path, exc), forced=force)
+        content_hash = _sha256(data)
+        serving = self.serving
+        if (
+            not force
+            and serving is not None
+            and serving.snapshot.content_hash == content_hash
+            and _hash_file(serving.keys_path) == serving.keys_hash
+        ):
+            return Prepared(unchanged=True, keys_path_seen=serving.keys_path)
+        keys_path: Path | None = None
         try:
             config = parse_config(data, str(self.path))
+            keys_path = keys_file_path(config, self.path)
+            keys_hash = _hash_file(keys_path)
+            keys = build_keyring(config, self.path, self.environ)
+            snapshot = build_snapshot(config, source=str(self.path), content_hash=content_hash, environ=self.environ)
         except ConfigError as exc:
-            return self._failed(exc.render())
-        snapshot = build_snapshot(config, source=str(self.path), content_hash=content_hash)
-        keys = build_keyring(config, self.path, os.environ)
-        for backend, variable in snapshot.unconfigured_backends.items():
-            log.warning("backend %s is not configured: %s is unset; its aliases move on or answer 503", backend, variable)
-        self.current, self.keys = snapshot, keys
+            return Prepared(error=exc.render(), keys_path_seen=keys_path, forced=force)
+        except Exception as exc:  # a fault of ours must not take the serving config down with it
+            log.exception("unexpected fault while loading %s", self.path)
+            error = f"{self.path}: unexpected fault while loading: {type(exc).__name__}: {exc}"
+            return Prepared(error=error, keys_path_seen=keys_path, forced=force)
+        return Prepared(Serving(snapshot, keys, keys_path, keys_hash), keys_path_seen=keys_path, forced=force)
+
+    def apply(self, prepared: Prepared, *, reason: str = "file changed") -> bool:
+        """Swap a prepared configuration in, or record why there is none; True when one was swapped in."""
+        if prepared.keys_path_seen is not None or prepared.error is None:
+            self._keys_path_seen = prepared.keys_path_seen
+        if prepared.error is not None:
+            return self._failed(prepared.error, repeat_log=prepared.forced)
+        new = prepared.serving
+        if new is None:
+            if prepared.unchanged and self.last_error is not None:
+                log.info(
+                    "[pid %d] configuration %s is back to what serves; the last error is cleared",
+                    os.getpid(), self.path,
+                )
+                self.last_error = self.last_error_at = None
+            return False
+        old = self.serving
+        self.serving = new  # the swap: one assignment
         self.last_error = self.last_error_at = None
         self.metrics.inc("gateway_config_reloads_total", result="ok")
-        log.info("configuration %s loaded: %d aliases, hash %s", self.path, len(snapshot.aliases), content_hash[:12])
+        self._log_loaded(old, new, reason)
         return True
 
-    def _failed(self, message: str) -> bool:
-        if message != self.last_error:
-            log.error("configuration not loaded, the last good one keeps serving:\n%s", message)
+    # ------------------------------------------------------------ reporting
+
+    def _failed(self, message: str, *, repeat_log: bool) -> bool:
+        # An editor saving the same broken file again, or several events for one write,
+        # must not repeat the message: it is logged when it changes (or on SIGHUP).
+        if message != self.last_error or repeat_log:
+            serving = self.current
+            keeps = f"hash {serving.content_hash[:12]} keeps serving" if serving else "nothing is serving"
+            log.error("[pid %d] configuration not loaded, %s:\n%s", os.getpid(), keeps, message)
+            self.metrics.inc("gateway_config_reloads_total", result="error")
         self.last_error, self.last_error_at = message, time.time()
-        self.metrics.inc("gateway_config_reloads_total", result="error")
         return False
+
+    def _log_loaded(self, old: Serving | None, new: Serving, reason: str) -> None:
+        snapshot = new.snapshot
+        counts = f"{len(snapshot.aliases)} aliases, {len(snapshot.config.backends)} backends"
+        # Every worker logs its own reloads: the pid tells an operator which ones have converged.
+        if old is None:
+            log.info(
+                "[pid %d] configuration %s loaded (%s): %s, hash %s",
+                os.getpid(), self.path, reason, counts, snapshot.content_hash[:12],
+            )
+        else:
+            keys_changed = old.keys_hash != new.keys_hash
+            same_files = old.snapshot.content_hash == snapshot.content_hash and not keys_changed
+            changes = diff_configs(old.snapshot.config, snapshot.config, keys_file_changed=keys_changed)
+            what = "the files are unchanged" if same_files else changes.describe()
+            log.info(
+                "[pid %d] configuration %s reloaded (%s): %s; hash %s -> %s, %s",
+                os.getpid(), self.path, reason, what,
+                old.snapshot.content_hash[:12], snapshot.content_hash[:12], counts,
+            )
+        before = old.snapshot.unconfigured_backends if old else {}
+        for backend, variable in snapshot.unconfigured_backends.items():
+            if before.get(backend) != variable:
+                log.warning(
+                    "backend %s is not configured: %s is unset; its aliases move on to their next target or answer 503",
+                    backend, variable,
+                )

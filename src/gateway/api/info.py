@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -9,6 +10,7 @@ from litestar import Request, Response, get
 from litestar.datastructures import State
 
 from gateway.errors import GatewayError, catalog_rows
+from gateway.rules import CAPABILITIES, LIMIT_KEYS
 from gateway.snapshot import CompiledAlias, Snapshot
 
 
@@ -31,19 +33,15 @@ def model_entry(alias: CompiledAlias, created: int) -> dict[str, Any]:
         "object": "model",
         "created": created,
         "owned_by": "dgx-gateway",
+        # A composite's are its members' widest: what some request can get through (see rules).
         "capabilities": {
             "input": sorted(rules.input),
             "output": sorted(rules.output),
-            "context_window": rules.context_window,
-            "max_output_tokens": rules.max_output_tokens,
-            "min_max_tokens": rules.min_max_tokens,
-            "max_images": rules.max_images,
-            "max_image_bytes": rules.max_image_bytes,
-            "streaming": rules.streaming is not False,
-            "tools": rules.tools,
-            "structured_output": rules.structured_output,
-            "thinking": rules.thinking,
+            **{key: rules.limit(key) for key in LIMIT_KEYS},
+            **{key: rules.allows(key) for key in CAPABILITIES},
         },
+        # What the alias accepts, in words, from the rules that judge its requests.
+        "rules": dict(rules.explain()),
         "route": list(spec.route) if spec.route is not None else None,
         "fallback": list(spec.fallback),
         "notes": spec.notes,
@@ -66,7 +64,10 @@ def get_model(request: Request[Any, Any, State], state: State, alias: str) -> di
     snapshot = _serving(state)
     identity = _gateway(state).holder.keys.authenticate(request.headers.get("authorization"))
     name = alias.lstrip("/")
-    compiled = snapshot.lookup(name)
+    try:
+        compiled = snapshot.lookup(name)
+    except GatewayError as error:
+        raise error.relocated(None) from None  # the alias is in the path: there is no body to point into
     if not identity.may_use(compiled.name):
         raise GatewayError("model_not_found", f"The model '{name}' does not exist for your key.", at=None)
     return model_entry(compiled, int(snapshot.loaded_at))
@@ -79,10 +80,34 @@ def healthz() -> dict[str, str]:
 
 @get("/readyz", sync_to_thread=False)
 def readyz(state: State) -> Response[dict[str, Any]]:
-    snapshot = _gateway(state).holder.current
-    if snapshot is None:
-        return Response({"status": "not_ready", "config_hash": None}, status_code=503)
-    return Response({"status": "ready", "config_hash": snapshot.content_hash})
+    """Ready while a valid configuration serves; the hash lets an operator see workers converge."""
+    holder = _gateway(state).holder
+    serving = holder.serving
+    if serving is None:
+        # Every non-2xx answer is the error envelope (SPEC §4); the probe's own fields ride beside it.
+        error = GatewayError("config_not_loaded", "No valid configuration is loaded; `gateway check` says why.")
+        not_ready = {"status": "not_ready", "config_hash": None, "keys_hash": None, "pid": os.getpid()}
+        return Response({**error.envelope(), **not_ready}, status_code=error.status)
+    return Response({
+        "status": "ready",
+        "config_hash": serving.snapshot.content_hash,
+        "keys_hash": serving.keys_hash,
+        "reload_error": holder.last_error is not None,
+        "pid": os.getpid(),
+    })
+
+
+def _backend_rows(snapshot: Snapshot) -> list[dict[str, Any]]:
+    rows = []
+    for name, backend in snapshot.config.backends.items():
+        unset = snapshot.unconfigured_backends.get(name)
+        rows.append({
+            "name": name,
+            "configured": unset is None,
+            "api_key_env": backend.api_key_env,
+            "problem": f"{unset} is unset: its aliases move on or answer 503 backend_not_configured" if unset else None,
+        })
+    return rows
 
 
 @get("/v1/gateway/status", sync_to_thread=False)
@@ -90,24 +115,22 @@ def status(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     gateway = _gateway(state)
     holder = gateway.holder
     holder.keys.authenticate(request.headers.get("authorization"))
-    snapshot: Snapshot | None = holder.current
-    backends = []
-    if snapshot is not None:
-        for name, backend in snapshot.config.backends.items():
-            backends.append({
-                "name": name,
-                "configured": name not in snapshot.unconfigured_backends,
-                "api_key_env": backend.api_key_env,
-            })
+    serving = holder.serving  # read once: a reload may swap it while this answer is built
+    snapshot: Snapshot | None = serving.snapshot if serving else None
+    live_reload = gateway.live_reload
     return {
         "config_path": str(holder.path),
         "config_hash": snapshot.content_hash if snapshot else None,
         "loaded_at": snapshot.loaded_at if snapshot else None,
+        "keys_file": str(serving.keys_path) if serving and serving.keys_path else None,
+        "keys_hash": serving.keys_hash if serving else None,
         "last_error": holder.last_error,
         "last_error_at": holder.last_error_at,
         "aliases": len(snapshot.aliases) if snapshot else 0,
-        "backends": backends,
+        "backends": _backend_rows(snapshot) if snapshot else [],
         "targets": list(gateway.health.report()),
+        "watch": live_reload.mode if live_reload else "off",
+        "pid": os.getpid(),
         "now": time.time(),
     }
 
