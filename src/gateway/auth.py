@@ -1,7 +1,10 @@
-"""Who is calling: bearer keys from ``GATEWAY_API_KEYS`` (and later a keys file).
+"""Who is calling: a bearer key looked up among the digests of the configured keys.
 
-Keys are held only as SHA-256 digests and compared with ``hmac.compare_digest``;
-neither keys nor digests are ever logged or answered. With no key configured
+Keys come from ``GATEWAY_API_KEYS`` and the keys file (see ``keys``). They are
+held only as SHA-256 digests; a presented key is digested and compared with
+``hmac.compare_digest`` against every known digest, without stopping at a match,
+so the time taken does not depend on which key matched or how much of it did.
+Neither keys nor digests are ever logged or answered. With no key configured
 at all, every call is refused (``no_api_keys_configured``) unless the config
 says ``[auth] required = false`` explicitly.
 """
@@ -19,10 +22,16 @@ from gateway.errors import GatewayError
 
 @attrs.frozen
 class Identity:
-    """The caller a key belongs to; ``allowed_models`` None means every alias."""
+    """The caller a key belongs to.
+
+    ``allowed_models`` None means every alias; ``rpm`` / ``tpm`` None means the
+    ``[limits]`` defaults for keys (if any) apply.
+    """
 
     name: str
     allowed_models: frozenset[str] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
 
     def may_use(self, alias: str) -> bool:
         return self.allowed_models is None or alias in self.allowed_models
@@ -35,6 +44,11 @@ def digest_key(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
+def env_identity(index: int) -> Identity:
+    """The identity of the ``index``-th key of ``GATEWAY_API_KEYS`` (counting from 1)."""
+    return Identity(f"env-key-{index}")
+
+
 @attrs.frozen
 class KeyRing:
     """Digest → identity, built once per configuration load."""
@@ -44,10 +58,12 @@ class KeyRing:
 
     @classmethod
     def from_env_keys(cls, keys: Iterable[str], required: bool = True, extra: Mapping[bytes, Identity] | None = None) -> KeyRing:
-        identities: dict[bytes, Identity] = dict(extra or {})
+        """Env keys plus ``extra`` (the keys file's digests); ``extra`` wins where both hold a key."""
+        identities: dict[bytes, Identity] = {}
         for i, key in enumerate(k.strip() for k in keys):
             if key:
-                identities[digest_key(key)] = Identity(f"env-key-{i + 1}")
+                identities[digest_key(key)] = env_identity(i + 1)
+        identities.update(extra or {})
         return cls(identities, required)
 
     def authenticate(self, authorization: str | None) -> Identity:
@@ -65,7 +81,11 @@ class KeyRing:
         if scheme.lower() != "bearer" or not key.strip():
             raise GatewayError("missing_api_key", "The Authorization header must be `Bearer <key>`.")
         digest = digest_key(key.strip())
+        found: Identity | None = None
         for known, identity in self.identities.items():
+            # No early exit: every digest is compared, whichever one matches.
             if hmac.compare_digest(known, digest):
-                return identity
-        raise GatewayError("invalid_api_key", "The API key is not valid.")
+                found = identity
+        if found is None:
+            raise GatewayError("invalid_api_key", "The API key is not valid.")
+        return found

@@ -52,12 +52,16 @@ class ServerConfig:
 
 @attrs.frozen(kw_only=True)
 class RoutingConfig:
-    """``[routing]``: bounds on how a plan of attempts runs (SPEC §6)."""
+    """``[routing]``: bounds on how a plan of attempts runs (SPEC §6).
 
-    max_attempts: int = _positive(8)
-    backoff_s: float = _positive(0.2)
+    Retries per target are ``retries`` (alias → backend → ``[defaults]``, default 1).
+    """
+
+    max_attempts: int = _positive(8)            # upstream calls per request, over the whole plan
+    backoff_s: float = _positive(0.2)           # first retry's wait, doubled per retry, jittered ±50 %
     backoff_max_s: float = _positive(4.0)
-    cooldown_failures: int = _positive(3)
+    retry_after_max_s: float = _positive(10.0)  # a longer Retry-After moves on (and pauses the target)
+    cooldown_failures: int = _positive(3)       # consecutive failures that cool a target down
     cooldown_s: float = _positive(30.0)
 
 
@@ -69,11 +73,39 @@ class AuthConfig:
     required: bool = True
 
 
+REDIS_SCHEMES = ("redis://", "rediss://")
+
+
+def _storage_url(_: Any, __: Any, value: str) -> None:
+    # A TypeError starting with "expected" is what the loader renders as a plain issue.
+    if value != "memory" and not value.startswith(REDIS_SCHEMES):
+        raise TypeError(f'expected "memory" or a redis:// URL such as "redis://127.0.0.1:6379/0", got {value!r}')
+
+
 @attrs.frozen(kw_only=True)
 class LimitsConfig:
-    """``[limits]``: where rate-limit counters live ("memory" or a redis:// URL)."""
+    """``[limits]``: where rate counters live, and the rates every key gets unless its entry says otherwise.
 
-    storage: str = "memory"
+    ``storage = "memory"`` counts in each worker process; a ``redis://`` URL
+    shares one budget between workers and machines.
+    """
+
+    storage: str = attrs.field(default="memory", validator=_storage_url)
+    key_rpm: int | None = _positive()
+    key_tpm: int | None = _positive()
+
+
+@attrs.frozen(kw_only=True)
+class KeyEntry:
+    """``[keys.NAME]`` of the keys file: a hash of the key (never the key), its allow-list and rates."""
+
+    hash: str
+    models: tuple[str, ...] | None = None
+    rpm: int | None = _positive()
+    tpm: int | None = _positive()
+    enabled: bool = True
+    created_at: str | None = None
+    revoked_at: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -84,6 +116,8 @@ class Backend(Timeouts):
     api_key_env: str | None = None
     headers: Mapping[str, str] = attrs.field(factory=dict)
     retries: int | None = None
+    # Calls in flight at once (per worker process); absent: no limit. The next ones wait in
+    # line, at most max_queue of them (default 16) for at most queue_timeout_s (default 30 s).
     max_concurrency: int | None = _positive()
     max_queue: int | None = None
     queue_timeout_s: float | None = _positive()

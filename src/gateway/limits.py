@@ -1,0 +1,157 @@
+"""Per-minute counters of requests and tokens, kept by the ``limits`` library.
+
+The counting is the library's sliding-window counter (two fixed windows, the
+previous one weighted by how much of it still overlaps the last minute): cheap
+for token counts in the thousands, where a moving window would store one entry
+per token. Its storage is ``MemoryStorage`` (each worker process counts alone)
+or ``RedisStorage`` (every worker and machine pointing at one Redis shares one
+budget). Only this module imports ``limits`` and ``redis``.
+
+What the admission needs from a counter, and nothing more:
+- ``window(rate)``: how much of a rate the last minute used (to refuse early and
+  to say how long to wait);
+- ``take(rate, cost)``: consume ``cost`` only if it fits, atomically in the storage;
+- ``add(rate, cost)``: count ``cost`` whatever the limit (tokens an answer used
+  beyond the estimate taken up front).
+The arithmetic of waits and resets is pure and lives in ``Window``.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.parse
+from typing import Literal
+
+import attrs
+import redis.asyncio
+from limits import RateLimitItem, RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
+
+WINDOW_S = 60
+KEY_PREFIX = "dgx-gateway"
+# Large enough never to refuse, small enough to stay exact in Redis' Lua doubles.
+NO_LIMIT = 2**50
+REDIS_TIMEOUT_S = 1.0
+
+Unit = Literal["requests", "tokens"]
+
+# What a broken or unreachable storage raises (the admission then lets requests through).
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (StorageError, redis.RedisError, OSError, TimeoutError)
+
+
+@attrs.frozen
+class Rate:
+    """One per-minute limit that applies to a request: what is counted, for whom, how many."""
+
+    unit: Unit
+    scope: str          # "key" or "alias"
+    name: str           # the key's name or the alias; never a key or a hash
+    per_minute: int
+
+    @property
+    def item(self) -> RateLimitItem:
+        # The amount is part of the library's storage key: counters carry over a
+        # reload that keeps the limit, and start afresh when the limit changes.
+        return RateLimitItemPerMinute(self.per_minute, namespace=f"{self.unit}")
+
+    @property
+    def identifiers(self) -> tuple[str, str]:
+        return (self.scope, self.name)
+
+    @property
+    def storage_key(self) -> str:
+        return self.item.key_for(*self.identifiers)
+
+
+@attrs.frozen
+class Window:
+    """A sliding-window counter as the storage reports it (times in seconds from now)."""
+
+    previous_count: int
+    previous_ttl_s: float   # time left in the current window: the previous count's weight × 60 s
+    current_count: int
+    current_ttl_s: float    # end of the current window + 60 s (when its count stops mattering)
+
+    def used(self) -> float:
+        return self.previous_count * self.previous_ttl_s / WINDOW_S + self.current_count
+
+    def remaining(self, limit: int) -> int:
+        return max(0, limit - math.floor(self.used()))
+
+    def wait_s(self, limit: int, cost: int) -> float:
+        """How long until ``cost`` more fits under ``limit`` (0: it fits now)."""
+        room = limit - min(cost, limit)
+        if math.floor(self.used()) <= room:
+            return 0.0
+        if self.current_count <= room and self.previous_count:
+            # The previous window's share fades linearly; wait until it has faded enough.
+            return max(0.0, self.previous_ttl_s - (room - self.current_count) * WINDOW_S / self.previous_count)
+        # This window alone is too full: wait for it to become the previous one, then fade.
+        window_end_s = self.current_ttl_s - WINDOW_S if self.current_ttl_s > WINDOW_S else self.previous_ttl_s
+        return max(0.0, window_end_s) + WINDOW_S * (1 - room / self.current_count)
+
+    def reset_s(self) -> float:
+        """How long until the counter is back to its initial state (nothing counted)."""
+        if self.current_count:
+            return max(0.0, self.current_ttl_s)
+        return max(0.0, self.previous_ttl_s) if self.previous_count else 0.0
+
+
+def storage_label(url: str) -> str:
+    """The storage URL without credentials, for logs."""
+    if url == "memory":
+        return url
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class RateCounter:
+    """One storage (memory, or Redis at a URL) and the sliding-window counter over it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: redis.asyncio.ConnectionPool | None = None
+        if url == "memory":
+            self._storage: MemoryStorage | RedisStorage = MemoryStorage()
+        else:
+            # Our own pool: bounded timeouts, and a handle to close at shutdown.
+            self._pool = redis.asyncio.ConnectionPool.from_url(
+                url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
+            )
+            self._storage = RedisStorage(
+                f"async+{url}",
+                implementation="redispy",
+                wrap_exceptions=True,
+                key_prefix=KEY_PREFIX,
+                connection_pool=self._pool,  # type: ignore[arg-type]  # typed as scalars, documented as passed on
+            )
+        self._limiter = SlidingWindowCounterRateLimiter(self._storage)
+
+    async def window(self, rate: Rate) -> Window:
+        previous, previous_ttl, current, current_ttl = await self._storage.get_sliding_window(rate.storage_key, WINDOW_S)
+        return Window(int(previous), float(previous_ttl), int(current), float(current_ttl))
+
+    async def take(self, rate: Rate, cost: int) -> bool:
+        return await self._limiter.hit(rate.item, *rate.identifiers, cost=max(1, min(cost, rate.per_minute)))
+
+    async def add(self, rate: Rate, cost: int) -> None:
+        if cost > 0:
+            await self._storage.acquire_sliding_window_entry(rate.storage_key, NO_LIMIT, WINDOW_S, cost)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.disconnect()
+
+
+def format_duration(seconds: float) -> str:
+    """Durations as OpenAI's ``x-ratelimit-reset-*`` headers write them: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{round(rest, 3):g}s"

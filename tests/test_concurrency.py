@@ -1,0 +1,323 @@
+"""Concurrency per backend: slots, the FIFO line, its bounds, and slots given back on every path.
+
+The gate itself is driven with asyncio directly (fast and exact); the rest runs
+a real gateway whose backend has ``max_concurrency`` against the stand-in, whose
+``/_standin/connections`` shows what really reaches the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Self
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import CLIENT_KEY, GatewayFactory
+from gateway.concurrency import BackendGates, Gate
+from gateway.config import parse_config
+from gateway.config.model import Config
+from gateway.errors import GatewayError
+from gateway.snapshot import build_snapshot
+from harness import StandIn
+
+POLL_S = 0.05
+
+
+# ---------------------------------------------------------------- the gate
+
+
+def test_waiters_are_served_in_arrival_order() -> None:
+    """With one slot, waiters get it in the order they came, each as the previous holder releases."""
+
+    async def scenario() -> list[int]:
+        gate = Gate(1)
+        order: list[int] = []
+        first = await gate.acquire("m", max_queue=10, timeout_s=5)
+
+        async def wait_turn(i: int) -> None:
+            slot = await gate.acquire("m", max_queue=10, timeout_s=5)
+            order.append(i)
+            await asyncio.sleep(0)
+            slot.release()
+
+        tasks = []
+        for i in range(5):
+            tasks.append(asyncio.create_task(wait_turn(i)))
+            await asyncio.sleep(0)  # each joins the line before the next
+        assert len(gate.waiters) == 5
+        first.release()
+        await asyncio.gather(*tasks)
+        assert (gate.active, len(gate.waiters)) == (0, 0)
+        return order
+
+    assert asyncio.run(scenario()) == [0, 1, 2, 3, 4]
+
+
+def test_full_line_is_refused_at_once_with_retry_after() -> None:
+    """When the line holds max_queue waiters, the next caller gets 429 concurrency_limit_exceeded at once."""
+
+    async def scenario() -> GatewayError:
+        gate = Gate(1)
+        await gate.acquire("m", max_queue=1, timeout_s=5)
+        waiter = asyncio.create_task(gate.acquire("m", max_queue=1, timeout_s=5))
+        await asyncio.sleep(0)
+        try:
+            await gate.acquire("m", max_queue=1, timeout_s=5)
+        except GatewayError as error:
+            return error
+        finally:
+            waiter.cancel()
+        raise AssertionError("the third caller was not refused")
+
+    error = asyncio.run(scenario())
+    assert (error.status, error.code) == (429, "concurrency_limit_exceeded")
+    assert int(error.headers["retry-after"]) >= 1
+    assert "queue of 1 is full" in error.message
+
+
+def test_wait_that_runs_out_is_refused_and_leaves_the_line() -> None:
+    """A waiter that gets no slot within queue_timeout_s is refused and no longer counted in the line."""
+
+    async def scenario() -> tuple[str, int, int]:
+        gate = Gate(1)
+        await gate.acquire("m", max_queue=3, timeout_s=5)
+        try:
+            await gate.acquire("m", max_queue=3, timeout_s=0.05)
+        except GatewayError as error:
+            return error.code, len(gate.waiters), gate.active
+        raise AssertionError("the wait did not run out")
+
+    assert asyncio.run(scenario()) == ("concurrency_limit_exceeded", 0, 1)
+
+
+def test_a_waiter_cancelled_as_it_is_handed_a_slot_passes_it_on() -> None:
+    """A waiter whose client leaves just as it is handed a slot gives it to the next waiter: no slot leaks."""
+
+    async def scenario() -> tuple[int, int]:
+        gate = Gate(1)
+        holder = await gate.acquire("m", max_queue=5, timeout_s=5)
+        leaving = asyncio.create_task(gate.acquire("m", max_queue=5, timeout_s=5))
+        staying = asyncio.create_task(gate.acquire("m", max_queue=5, timeout_s=5))
+        await asyncio.sleep(0)
+        holder.release()      # hands the slot to `leaving` ...
+        leaving.cancel()      # ... whose client leaves before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        slot = await asyncio.wait_for(staying, 1)
+        active = gate.active
+        slot.release()
+        slot.release()  # a second release changes nothing
+        return active, gate.active
+
+    assert asyncio.run(scenario()) == (1, 0)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=25), st.integers(1, 4))
+def test_any_mix_of_holders_and_leavers_keeps_the_bound_and_returns_every_slot(jobs: list[tuple[int, bool]], capacity: int) -> None:
+    """Holders never exceed the capacity, and once everyone is done or gone, no slot is held and nobody waits."""
+
+    async def scenario() -> tuple[int, int, int]:
+        gate = Gate(capacity)
+        peak = 0
+
+        async def job(hold_steps: int) -> None:
+            nonlocal peak
+            slot = await gate.acquire("m", max_queue=100, timeout_s=10)
+            try:
+                peak = max(peak, gate.active)
+                for _ in range(hold_steps):
+                    await asyncio.sleep(0)
+            finally:
+                slot.release()
+
+        tasks = [asyncio.create_task(job(steps)) for steps, _ in jobs]
+        await asyncio.sleep(0)
+        for task, (_, leaves) in zip(tasks, jobs):
+            if leaves:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return peak, gate.active, len(gate.waiters)
+
+    peak, active, waiting = asyncio.run(scenario())
+    assert peak <= capacity and active == 0 and waiting == 0
+
+
+def test_gates_follow_the_serving_config() -> None:
+    """A backend without max_concurrency is not gated; a reload that changes it resizes the gate in place."""
+    text = '[backends.gpu]\nbase_url = "http://127.0.0.1:9"\nmax_concurrency = 1\n[backends.cloud]\nbase_url = "http://127.0.0.1:9"\n'
+    text += '[models.local]\nbackend = "gpu"\nmodel = "x"\n[models.far]\nbackend = "cloud"\nmodel = "y"\n'
+    current: list[Config] = [parse_config(text.encode())]
+    gates = BackendGates(lambda: current[0])
+    snapshot = build_snapshot(current[0], environ={})
+    local, far = snapshot.aliases["local"].targets[0], snapshot.aliases["far"].targets[0]
+
+    async def scenario() -> tuple[int, int, bool]:
+        first = await gates.acquire(local)
+        await gates.acquire(far)  # ungated: always at once
+        current[0] = parse_config(text.replace("max_concurrency = 1", "max_concurrency = 2").encode())
+        second = await asyncio.wait_for(gates.acquire(local), 1)
+        gate = gates.gate("gpu")
+        assert gate is not None
+        held = gate.active
+        first.release()
+        second.release()
+        return held, gate.capacity, gates.gate("cloud") is None
+
+    assert asyncio.run(scenario()) == (2, 2, True)
+
+
+# ---------------------------------------------------------------- a running gateway
+
+
+def gated_config(standin: StandIn, *, max_concurrency: int, max_queue: int, queue_timeout_s: float) -> str:
+    return (
+        f'[backends.gpu]\nbase_url = "{standin.base_url}"\napi_key_env = "STANDIN_KEY"\n'
+        f"max_concurrency = {max_concurrency}\nmax_queue = {max_queue}\nqueue_timeout_s = {queue_timeout_s}\n"
+        '\n[models."local"]\nbackend = "gpu"\nmodel = "local-up"\n'
+    )
+
+
+def stream_body(tag: str, step: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "local", "stream": True, "messages": [{"role": "user", "content": tag}], "standin_step": step}
+
+
+class InFlightSampler:
+    """Samples the stand-in's in-flight count in a thread; `peak` is the highest seen."""
+
+    def __init__(self, standin: StandIn) -> None:
+        self._standin = standin
+        self._stop = threading.Event()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, int(self._standin.connections()["in_flight"]))
+            self._stop.wait(POLL_S)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def wait_idle(standin: StandIn, timeout_s: float = 10.0) -> int:
+    """Wait until nothing is in flight at the stand-in; returns what is left."""
+    deadline = time.monotonic() + timeout_s
+    in_flight = int(standin.connections()["in_flight"])
+    while in_flight and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        in_flight = int(standin.connections()["in_flight"])
+    return in_flight
+
+
+async def run_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], str]:
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
+        text = (await response.aread()).decode()
+        return response.status_code, dict(response.headers), text
+
+
+@pytest.fixture
+def idle_standin(standin: StandIn) -> Iterator[StandIn]:
+    assert wait_idle(standin) == 0, "the stand-in is still busy with an earlier test's requests"
+    standin.reset()
+    yield standin
+
+
+def test_ten_streams_on_a_backend_of_two(idle_standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """10 streams, max_concurrency 2, max_queue 5: 2 run, 5 wait and start in arrival order, 3 get 429 with Retry-After."""
+    standin = idle_standin
+    gateway = gateway_factory(gated_config(standin, max_concurrency=2, max_queue=5, queue_timeout_s=60))
+    # The first two hold their slots longest and end half a second apart, so queued starts are well spaced.
+    steps = [{"kind": "ok", "chunks": 20, "interval_ms": 100}, {"kind": "ok", "chunks": 25, "interval_ms": 100}]
+    steps += [{"kind": "ok", "chunks": 10, "interval_ms": 100}] * 8
+
+    async def scenario() -> list[tuple[int, dict[str, str], str]]:
+        async with httpx.AsyncClient(trust_env=False, timeout=60, limits=httpx.Limits(max_connections=20)) as client:
+            tasks = []
+            for i, step in enumerate(steps):
+                tasks.append(asyncio.create_task(run_stream(client, gateway.url, stream_body(f"req-{i}", step))))
+                await asyncio.sleep(0.1)  # arrival order is the index order
+            return list(await asyncio.gather(*tasks))
+
+    with InFlightSampler(standin) as sampler:
+        results = asyncio.run(scenario())
+    statuses = [status for status, _, _ in results]
+    assert statuses == [200] * 7 + [429] * 3, statuses
+    for status, headers, text in results:
+        if status == 200:
+            assert text.rstrip().endswith("data: [DONE]")
+        else:
+            assert '"concurrency_limit_exceeded"' in text and int(headers["retry-after"]) >= 1
+    assert sampler.peak == 2
+    started = sorted(standin.requests(), key=lambda r: r["t"])
+    tags = [r["body"]["messages"][0]["content"] for r in started]
+    assert tags == [f"req-{i}" for i in range(7)]
+    assert wait_idle(standin) == 0
+
+
+def test_wait_in_line_runs_out_with_429(idle_standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """A request that waits longer than queue_timeout_s gets 429 with Retry-After; the slot frees when its holder leaves."""
+    standin = idle_standin
+    gateway = gateway_factory(gated_config(standin, max_concurrency=1, max_queue=2, queue_timeout_s=0.5))
+
+    async def scenario() -> tuple[int, dict[str, str], str, int]:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+            holder = asyncio.create_task(run_stream(client, gateway.url, stream_body("holder", {"kind": "hang", "hang_s": 30})))
+            while not standin.connections()["in_flight"]:
+                await asyncio.sleep(POLL_S)
+            status, headers, text = await run_stream(client, gateway.url, stream_body("waiter", {"kind": "ok"}))
+            holder.cancel()  # the holder's client leaves: its slot must come back
+            await asyncio.gather(holder, return_exceptions=True)
+            after, _, _ = await run_stream(client, gateway.url, stream_body("after", {"kind": "ok"}))
+            return status, headers, text, after
+
+    status, headers, text, after = asyncio.run(scenario())
+    assert status == 429 and '"concurrency_limit_exceeded"' in text and "within 0.5 s" in text
+    assert int(headers["retry-after"]) >= 1
+    assert after == 200
+    assert standin.wait_for_cancelled(1, timeout_s=5)
+
+
+def test_no_slot_leaks_after_clients_leave(idle_standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """Holders that leave mid-stream and waiters that leave the line give everything back: 2 new streams run at once."""
+    standin = idle_standin
+    gateway = gateway_factory(gated_config(standin, max_concurrency=2, max_queue=4, queue_timeout_s=60))
+    stall = {"kind": "stream_stall", "after_chunks": 1, "stall_s": 60}
+
+    async def scenario() -> list[int]:
+        async with httpx.AsyncClient(trust_env=False, timeout=60, limits=httpx.Limits(max_connections=20)) as client:
+            holders = [asyncio.create_task(run_stream(client, gateway.url, stream_body(f"holder-{i}", stall))) for i in range(2)]
+            while standin.connections()["in_flight"] < 2:
+                await asyncio.sleep(POLL_S)
+            waiters = [asyncio.create_task(run_stream(client, gateway.url, stream_body(f"waiter-{i}", stall))) for i in range(2)]
+            await asyncio.sleep(0.5)  # the waiters are in line now
+            for task in waiters:
+                task.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+            await asyncio.sleep(0.5)  # the gateway has seen them leave the line
+            for task in holders:
+                task.cancel()
+            await asyncio.gather(*holders, return_exceptions=True)
+        assert standin.wait_for_cancelled(2, timeout_s=5)
+        assert wait_idle(standin) == 0
+        with InFlightSampler(standin) as sampler:
+            async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+                step = {"kind": "ok", "chunks": 10, "interval_ms": 100}
+                results = await asyncio.gather(*(run_stream(client, gateway.url, stream_body(f"again-{i}", step)) for i in range(2)))
+        assert sampler.peak == 2
+        return [status for status, _, _ in results]
+
+    assert asyncio.run(scenario()) == [200, 200]
+    # Only the two holders and the two new streams ever reached the upstream: the waiters left before their turn.
+    assert sorted(r["body"]["messages"][0]["content"] for r in standin.requests()) == ["again-0", "again-1", "holder-0", "holder-1"]
