@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.keys import build_keyring, keys_file_path
 from gateway.keys_cli import add_keys_parser
 
 
@@ -16,11 +17,17 @@ def _config_path(value: str | None) -> Path:
 
 
 def _load_or_report(path: Path, consequence: str) -> Config | None:
+    """models.toml and the keys file it names, both checked; every problem printed."""
     try:
-        return load_config(path)
+        config = load_config(path)
+        keys = keys_file_path(config, path)
+        if keys is not None:
+            # The same reader the running gateway uses: a keys file it would refuse fails here too.
+            build_keyring(config, path, os.environ)
+        return config
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
-        print(f"{path}: {len(exc.issues)} problem(s); {consequence}", file=sys.stderr)
+        print(f"{exc.source}: {len(exc.issues)} problem(s); {consequence}", file=sys.stderr)
         return None
 
 
