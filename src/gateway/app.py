@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,6 +38,7 @@ from gateway.concurrency import BackendGates
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthBoard
+from gateway.logs import configure_logging
 from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
 from gateway.upstream import UpstreamClient
@@ -67,7 +67,7 @@ def _send_with_request_id(scope: Any, send: Any) -> Any:
             rid = value[:128]
             break
     if not rid:
-        rid = uuid.uuid4().hex.encode()
+        rid = os.urandom(16).hex().encode()
     scope["gateway_request_id"] = rid.decode("latin-1")
 
     async def send_with_id(message: Any) -> None:
@@ -114,7 +114,7 @@ def _http_exception(request: Request[Any, Any, Any], exc: Exception) -> Response
 def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
     """The gateway app for one config file; it loads the file now and serves the last good load."""
     # Before the first load, so that its log lines (and an unset backend key's warning) are seen.
-    logging.basicConfig(level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     path = Path(config_path or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
     metrics = Metrics()
     holder = SnapshotHolder(path, metrics)
@@ -156,6 +156,7 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         lifespan=[lifespan],
         exception_handlers={Exception: _http_exception},
         state=None,
+        logging_config=None,  # ours is set up by configure_logging; Litestar's adds a listener thread
         openapi_config=OpenAPIConfig(title="DGX LLM Chat Gateway", version="0.1.0", path="/openapi"),
         on_app_init=[lambda cfg: _set_state(cfg, state)],
         on_startup=[lambda app: document_raw_routes(app, [_c1_chat_description()])],
