@@ -2,24 +2,43 @@
 
 For each target of the plan, in order:
 1. Skip it without a call when its backend has no key (``backend_not_configured``)
-   or it is cooling down after repeated failures.
-2. Call it. A transient fault (connection refused or reset, 408, 409, 429, 5xx,
-   a 200 whose body is not JSON) is retried on the same target up to its
-   ``retries`` with jittered backoff, or after ``Retry-After`` when that fits the
-   remaining budget; then the plan moves on. No answer within the time to first
-   byte, a context-length refusal, or an image alias's reply without an image:
-   move on at once. Any other upstream 4xx about the request: stop, and the
-   client gets that status with the upstream's reason.
-3. Attempts (``[routing] max_attempts``) and total time (the alias's deadline)
-   are bounded. When the plan is exhausted, one error sums up every attempt.
+   or it is cooling down after repeated failures (``health``); a target whose
+   cooldown is over is let through as a probe.
+2. Call it, and judge the answer:
+   - a transient fault (connection refused or reset, 408, 409, 429, 5xx, a 200
+     that is not a chat completion, an error event before the first chunk) is
+     retried on the same target up to its ``retries``, after a jittered
+     exponential backoff, or after ``Retry-After`` when that is at most
+     ``[routing] retry_after_max_s`` and fits the remaining time. A longer
+     ``Retry-After`` moves on at once; whenever the plan moves on from a target
+     that asked for a pause, the target is skipped for that long (at most
+     ``cooldown_s``). A target that this very failure cooled down is not retried;
+   - no answer within the time to first byte (a stream's first real chunk; for a
+     non-streaming call the whole answer is its first byte, so its total), or the
+     total running out: move on, never retry (that would double the wait);
+   - a context-length refusal, in any dialect: move on (the next target may have
+     a larger window), never retry; an image-output alias's answer without an
+     image: move on;
+   - a 401, 402, 403 (other than a content refusal) or 404 says the backend's
+     key, credit or model id is wrong: the operator's problem, so move on;
+   - any other 4xx is about the request (a bad parameter, a content filter):
+     stop, and the client gets that status with the upstream's reason.
+3. Upstream calls (``[routing] max_attempts``) and total time (the alias's plan
+   deadline) are bounded. When the plan is exhausted, one error sums up every
+   attempt in order: alias, status or fault, short reason. Reasons are scrubbed
+   of keys, backend URLs and hosts before they go anywhere.
 
-Streams are held until their first real chunk, so everything above also applies
-to a stream until the client has seen a byte.
+Streams are held until their first real chunk (for an image-output alias, until
+its first image), so everything above also applies to a stream until the client
+has seen a byte. A client that leaves cancels the running task: the open
+upstream answer is closed on the way out and the target's probe slot freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,21 +49,30 @@ import msgspec
 
 from gateway.admission import NO_SLOT, BackendSlots, Slot, Unlimited
 from gateway.config.model import RoutingConfig
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Location
 from gateway.health import HealthBoard
 from gateway.shaping import message_images, upstream_body
 from gateway.snapshot import CompiledAlias, Target
 from gateway.sse import DONE, SSEDecoder
 from gateway.upstream import UpstreamClient, UpstreamFault, UpstreamStream, retry_after_s
-from gateway.upstream_errors import read_upstream_error
+from gateway.upstream_errors import UpstreamErrorInfo, read_upstream_error, scrub
+
+log = logging.getLogger("gateway.dispatch")
 
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
-# A backend answering 401/403/404 has a wrong key or model id: that is the
-# operator's problem, not the client's, so the plan moves on instead of stopping.
-BACKEND_PROBLEM_STATUSES = frozenset({401, 403, 404})
+# The backend's key, credit or model id is wrong: the operator's problem, not the
+# client's, so the plan moves on instead of stopping.
+BACKEND_PROBLEM_STATUSES = frozenset({401, 402, 403, 404})
+TIMEOUT_OUTCOMES = frozenset({"timeout", "connect_timeout", "first_byte_timeout", "idle_timeout"})
+# Outcomes that show the target is up and answering, though not with what we need.
+ANSWERED_OUTCOMES = frozenset({"context_length", "no_image"})
 MAX_ERROR_BODY_BYTES = 64 * 1024
+# How long an error answer's body may take to arrive once its headers have.
+ERROR_BODY_WAIT_S = 5.0
 
 OK, RETRY, MOVE_ON, STOP = "ok", "retry", "move_on", "stop"
+
+_decode = msgspec.json.Decoder().decode
 
 
 @attrs.frozen
@@ -57,9 +85,10 @@ class Attempt:
     reason: str
     duration_s: float
     called: bool = True
+    refusal: GatewayError | None = attrs.field(default=None, eq=False, repr=False)  # a backend slot refused
 
     def describe(self) -> str:
-        return f"{self.alias}: {self.outcome} ({self.reason})"
+        return f"{self.alias}: {self.outcome} ({self.reason})" if self.reason else f"{self.alias}: {self.outcome}"
 
 
 @attrs.frozen
@@ -88,7 +117,7 @@ class StreamStart:
     target: Target
     stream: UpstreamStream
     decoder: SSEDecoder
-    held: list[bytes | None]     # events read before the first real chunk (inclusive)
+    held: list[bytes | None]     # events read before the hand-over, in order
     attempts: list[Attempt]
     finished: bool               # the upstream already sent [DONE] or ended
     slot: Slot = NO_SLOT         # the backend slot the stream holds until it ends
@@ -98,6 +127,10 @@ class StreamStart:
             await self.stream.aclose()
         finally:
             self.slot.release()
+
+
+def calls_made(attempts: list[Attempt]) -> int:
+    return sum(1 for attempt in attempts if attempt.called)
 
 
 def _is_real_chunk(event: Any) -> bool:
@@ -112,7 +145,19 @@ def _is_real_chunk(event: Any) -> bool:
         if choice.get("finish_reason"):
             return True
         delta = choice.get("delta")
-        if isinstance(delta, dict) and any(delta.get(k) for k in ("content", "tool_calls", "images", "reasoning", "reasoning_content", "refusal", "audio")):
+        if isinstance(delta, dict) and any(
+            delta.get(k) for k in ("content", "tool_calls", "function_call", "images", "reasoning", "reasoning_content", "refusal", "audio")
+        ):
+            return True
+    return False
+
+
+def _has_image_delta(event: Any) -> bool:
+    if not isinstance(event, dict):
+        return False
+    for choice in event.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and delta.get("images"):
             return True
     return False
 
@@ -122,7 +167,7 @@ class Dispatcher:
         self,
         client: UpstreamClient,
         health: HealthBoard,
-        routing: Callable[[], RoutingConfig],
+        routing: Callable[[], RoutingConfig | None],
         slots: BackendSlots | None = None,
     ) -> None:
         self._client = client
@@ -149,99 +194,174 @@ class Dispatcher:
         body: Mapping[str, Any],
         attempt: Callable[[Target, bytes, float], Awaitable[Verdict]],
     ) -> Served | StreamStart:
-        routing = self._routing()
+        routing = self._routing() or RoutingConfig()
         deadline = time.monotonic() + alias.deadline_s
         attempts: list[Attempt] = []
-        calls = 0
-        for target in targets:
+        for index, target in enumerate(targets):
+            stopped = self._out_of_budget(routing, attempts, deadline)
+            if stopped:
+                attempts += [Attempt(t.alias, t.backend_name, "not_tried", stopped, 0.0, called=False) for t in targets[index:]]
+                break
             if not target.configured:
                 attempts.append(Attempt(target.alias, target.backend_name, "not_configured", f"{target.api_key_env} is unset", 0.0, called=False))
                 continue
-            cooling_s = self._health.cooling_for(target.key)
+            cooling_s = self._health.admit(target.key, probe_window_s=target.timeouts.total_s)
             if cooling_s > 0:
-                attempts.append(Attempt(target.alias, target.backend_name, "cooling_down", f"skipped for {cooling_s:.0f} s more", 0.0, called=False))
+                attempts.append(Attempt(target.alias, target.backend_name, "cooling_down", f"skipped for {cooling_s:.1f} s more", 0.0, called=False))
                 continue
-            payload = upstream_body(body, target)
-            tries = 0
-            while calls < routing.max_attempts:
-                remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0:
-                    break
-                calls += 1
-                tries += 1
-                started = time.monotonic()
-                verdict = await attempt(target, payload, remaining_s)
-                elapsed = time.monotonic() - started
-                attempts.append(Attempt(target.alias, target.backend_name, verdict.outcome, verdict.reason, elapsed))
-                if verdict.action == OK:
-                    self._health.succeeded(target.key)
-                    result = verdict.answer
-                    result.attempts = attempts
-                    return result  # type: ignore[no-any-return]
-                if verdict.action == STOP:
-                    assert verdict.error is not None
-                    raise verdict.error
-                if verdict.outcome not in ("context_length", "no_image"):
-                    self._health.failed(target.key, f"{verdict.outcome}: {verdict.reason}", failures_to_cool=routing.cooldown_failures, cooldown_s=routing.cooldown_s)
-                if verdict.action != RETRY or tries > target.retries:
-                    break
-                wait_s = self._backoff_s(routing, tries, verdict.retry_after_s)
-                if wait_s is None or time.monotonic() + wait_s >= deadline:
-                    break
-                await asyncio.sleep(wait_s)
-            if calls >= routing.max_attempts or time.monotonic() >= deadline:
-                break
-        raise exhausted_error(alias.name, attempts, self._health, targets)
+            result = await self._try_target(routing, target, upstream_body(body, target), body, deadline, attempts, attempt)
+            if result is not None:
+                result.attempts = attempts
+                log.info(
+                    "%s served by %s (backend %s, model %s) after %d call(s)",
+                    alias.name, target.alias, target.backend_name, target.model, calls_made(attempts),
+                )
+                return result
+        error = exhausted_error(alias.name, attempts, self._health, targets)
+        error.headers["x-gateway-attempts"] = str(calls_made(attempts))
+        raise error
 
     @staticmethod
-    def _backoff_s(routing: RoutingConfig, tries: int, retry_after: float | None) -> float | None:
+    def _out_of_budget(routing: RoutingConfig, attempts: list[Attempt], deadline: float) -> str | None:
+        if calls_made(attempts) >= routing.max_attempts:
+            return f"the limit of {routing.max_attempts} calls was reached"
+        if time.monotonic() >= deadline:
+            return "the request's time ran out"
+        return None
+
+    async def _try_target(
+        self,
+        routing: RoutingConfig,
+        target: Target,
+        payload: bytes,
+        body: Mapping[str, Any],
+        deadline: float,
+        attempts: list[Attempt],
+        attempt: Callable[[Target, bytes, float], Awaitable[Verdict]],
+    ) -> Served | StreamStart | None:
+        """Call one target, retrying transient faults; the answer, or None to move on."""
+        tries = 0
+        while True:
+            tries += 1
+            started = time.monotonic()
+            try:
+                verdict = await attempt(target, payload, deadline)
+            except GatewayError as refusal:
+                # The backend is at its max_concurrency and its line is full: no call was made.
+                self._health.released(target.key)
+                if refusal.code != "concurrency_limit_exceeded":
+                    raise
+                attempts.append(
+                    Attempt(target.alias, target.backend_name, "busy", refusal.message, time.monotonic() - started, called=False, refusal=refusal)
+                )
+                return None
+            except BaseException:
+                # Cancelled (the client left): no verdict on the target.
+                self._health.released(target.key)
+                raise
+            reason = scrub(verdict.reason, target.secrets)
+            attempts.append(Attempt(target.alias, target.backend_name, verdict.outcome, reason, time.monotonic() - started))
+            self._judge(routing, target, verdict, reason)
+            if verdict.action == OK:
+                return verdict.answer  # type: ignore[no-any-return]
+            log.warning(
+                "attempt on %s (backend %s, model %s) failed: %s (%s); next: %s",
+                target.alias, target.backend_name, target.model, verdict.outcome, reason, verdict.action,
+            )
+            if verdict.action == STOP:
+                assert verdict.error is not None
+                raise self._stop_error(target, verdict, body, attempts)
+            wait_s = None
+            if (
+                verdict.action == RETRY
+                and tries <= target.retries
+                and self._health.cooling_for(target.key) == 0  # else this failure cooled it: a retry would hammer it
+                and not self._out_of_budget(routing, attempts, deadline)
+            ):
+                wait_s = self._retry_wait_s(routing, tries, verdict.retry_after_s, deadline - time.monotonic())
+            if wait_s is None:
+                if verdict.retry_after_s:
+                    # Moving on from a target that asked for a pause: other requests honour it too.
+                    pause_s = min(verdict.retry_after_s, routing.cooldown_s)
+                    self._health.pause(target.key, f"{verdict.outcome}: asked to wait {verdict.retry_after_s:g} s", pause_s)
+                return None
+            await asyncio.sleep(wait_s)
+
+    def _judge(self, routing: RoutingConfig, target: Target, verdict: Verdict, reason: str) -> None:
+        """Tell the health board what this call says about the target."""
+        if verdict.action in (OK, STOP) or verdict.outcome in ANSWERED_OUTCOMES:
+            self._health.succeeded(target.key)
+        else:
+            self._health.failed(
+                target.key,
+                f"{verdict.outcome}: {reason}",
+                failures_to_cool=routing.cooldown_failures,
+                cooldown_s=routing.cooldown_s,
+            )
+
+    @staticmethod
+    def _retry_wait_s(routing: RoutingConfig, tries: int, retry_after: float | None, remaining_s: float) -> float | None:
+        """How long to wait before retrying the same target, or None to move on instead."""
         if retry_after is not None:
-            # Honour the upstream's wish only if it is within our own backoff ceiling;
-            # a longer wait is better spent on the next target.
-            return retry_after if retry_after <= routing.backoff_max_s else None
-        base = min(routing.backoff_s * (2 ** (tries - 1)), routing.backoff_max_s)
-        return base * random.uniform(0.5, 1.5)
+            # Honour the upstream's wish when it fits; a longer wait is better spent on the next target.
+            if retry_after <= routing.retry_after_max_s and retry_after < remaining_s:
+                return retry_after
+            return None
+        base_s = min(routing.backoff_s * (2 ** (tries - 1)), routing.backoff_max_s)
+        wait_s = base_s * random.uniform(0.5, 1.5)
+        return wait_s if wait_s < remaining_s else None
+
+    @staticmethod
+    def _stop_error(target: Target, verdict: Verdict, body: Mapping[str, Any], attempts: list[Attempt]) -> GatewayError:
+        error = verdict.error
+        assert error is not None
+        message = scrub(error.message, target.secrets)
+        # Point at the upstream's `param` only when it names a field the client sent.
+        at: Location | None = (error.at[0],) if error.at and error.at[0] in body else None
+        stop = GatewayError(error.code, message, at=at, status=error.status)
+        stop.headers["x-gateway-attempts"] = str(calls_made(attempts))
+        return stop
 
     # ------------------------------------------------------------ one attempt
 
-    async def _attempt_complete(self, target: Target, payload: bytes, remaining_s: float) -> Verdict:
+    async def _attempt_complete(self, target: Target, payload: bytes, deadline: float) -> Verdict:
         slot = await self._slots.acquire(target)
         try:
-            return await self._call_complete(target, payload, remaining_s)
+            return await self._call_complete(target, payload, deadline)
         finally:
             slot.release()
 
-    async def _call_complete(self, target: Target, payload: bytes, remaining_s: float) -> Verdict:
-        budget_s = min(target.timeouts.total_s, remaining_s)
+    async def _call_complete(self, target: Target, payload: bytes, deadline: float) -> Verdict:
+        now = time.monotonic()
+        budget_s = min(target.timeouts.total_s, deadline - now)
+        ends_at = now + budget_s
         try:
-            async with asyncio.timeout(budget_s):
-                stream = await self._client.open(target, payload, first_byte_s=min(target.timeouts.first_byte_s, budget_s))
-                try:
-                    raw = await stream.read()
-                finally:
-                    await stream.aclose()
+            # A non-streaming answer's headers come with the finished answer: only the total bounds them.
+            stream = await self._client.open(target, payload, wait_s=budget_s, ends_at=ends_at)
+        except UpstreamFault as fault:
+            if fault.kind == "first_byte_timeout":
+                return Verdict(MOVE_ON, "timeout", f"no answer within {budget_s:.3g} s")
+            return fault_verdict(fault)
+        try:
+            if stream.status != 200:
+                return status_verdict(stream.status, stream.headers, await self._error_body(stream))
+            raw = await stream.read(within_s=math.inf)
         except UpstreamFault as fault:
             return fault_verdict(fault)
-        except TimeoutError:
-            return Verdict(MOVE_ON, "timeout", f"no complete answer within {budget_s:g} s")
-        if stream.status != 200:
-            return status_verdict(stream.status, stream.headers, raw)
-        try:
-            answer = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
-            return Verdict(RETRY, "invalid_json", "the 200 answer is not JSON")
-        if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
-            if isinstance(answer, dict) and "error" in answer:
-                return status_verdict(502, stream.headers, raw)
-            return Verdict(RETRY, "invalid_json", "the 200 answer is not a chat completion")
-        if target.image_output and not message_images(answer):
-            return Verdict(MOVE_ON, "no_image", "the answer holds no image")
-        return Verdict(OK, "ok", "", answer=Served(target, answer, []))
+        finally:
+            await stream.aclose()
+        return answer_verdict(target, raw)
 
-    async def _attempt_stream(self, target: Target, payload: bytes, remaining_s: float) -> Verdict:
+    async def _error_body(self, stream: UpstreamStream) -> bytes:
+        try:
+            return await stream.read(MAX_ERROR_BODY_BYTES, within_s=ERROR_BODY_WAIT_S)
+        except UpstreamFault:
+            return b""
+
+    async def _attempt_stream(self, target: Target, payload: bytes, deadline: float) -> Verdict:
         slot = await self._slots.acquire(target)
         try:
-            verdict = await self._call_stream(target, payload, remaining_s)
+            verdict = await self._call_stream(target, payload, deadline)
         except BaseException:
             slot.release()
             raise
@@ -251,78 +371,124 @@ class Dispatcher:
             slot.release()
         return verdict
 
-    async def _call_stream(self, target: Target, payload: bytes, remaining_s: float) -> Verdict:
-        first_byte_s = min(target.timeouts.first_byte_s, remaining_s)
+    async def _call_stream(self, target: Target, payload: bytes, deadline: float) -> Verdict:
+        now = time.monotonic()
+        budget_s = min(target.timeouts.total_s, deadline - now)
+        ends_at = now + budget_s
+        # One window from sending the request to the first real chunk, headers included.
+        first_byte_by = now + min(target.timeouts.first_byte_s, budget_s)
         try:
-            stream = await self._client.open(target, payload, first_byte_s=first_byte_s)
+            stream = await self._client.open(target, payload, wait_s=first_byte_by - now, ends_at=ends_at)
         except UpstreamFault as fault:
             return fault_verdict(fault)
         handed_over = False
         try:
             if stream.status != 200:
-                try:
-                    async with asyncio.timeout(min(10.0, remaining_s)):
-                        raw = await stream.read(MAX_ERROR_BODY_BYTES)
-                except (UpstreamFault, TimeoutError):
-                    raw = b""
-                return status_verdict(stream.status, stream.headers, raw)
-            verdict = await self._hold_until_first_chunk(target, stream, first_byte_s)
+                return status_verdict(stream.status, stream.headers, await self._error_body(stream))
+            verdict = await self._hold(target, stream, first_byte_by)
             handed_over = verdict.action == OK
             return verdict
         finally:
             if not handed_over:
                 await stream.aclose()
 
-    async def _hold_until_first_chunk(self, target: Target, stream: UpstreamStream, first_byte_s: float) -> Verdict:
+    async def _hold(self, target: Target, stream: UpstreamStream, first_byte_by: float) -> Verdict:
+        """Read until the first real chunk (an image-output alias: its first image) arrives.
+
+        Until then nothing has reached the client, so any failure can still move on.
+        """
         decoder = SSEDecoder()
         held: list[bytes | None] = []
+        answering = False
+        has_image = not target.image_output
+        finished = False
         try:
-            async with asyncio.timeout(first_byte_s):
-                while (chunk := await stream.next_chunk()) is not None:
-                    events = decoder.feed(chunk)
-                    held.extend(events)
-                    for data in events:
-                        if data is None:
-                            continue
-                        if data.strip() == DONE:
-                            return Verdict(OK, "ok", "", answer=StreamStart(target, stream, decoder, held, [], True))
-                        try:
-                            event = msgspec.json.decode(data)
-                        except msgspec.DecodeError:
-                            continue  # one malformed chunk is dropped, not fatal
-                        if isinstance(event, dict) and "error" in event:
-                            return Verdict(RETRY, "error_event", read_upstream_error(data).reason)
-                        if _is_real_chunk(event):
-                            # The rest of this upstream chunk is held too: the relay sends it all.
-                            return Verdict(OK, "ok", "", answer=StreamStart(target, stream, decoder, held, [], False))
+            while not finished:
+                within_s = None if answering else first_byte_by - time.monotonic()
+                chunk = await stream.next_chunk(within_s)
+                finished = chunk is None
+                for data in decoder.feed(chunk) if chunk is not None else decoder.finish():
+                    held.append(data)
+                    if data is None:
+                        continue
+                    if data.strip() == DONE:
+                        finished = True
+                        break
+                    try:
+                        event = _decode(data)
+                    except msgspec.DecodeError:
+                        continue  # one malformed chunk is dropped (the relay counts it), not fatal
+                    if isinstance(event, dict) and "error" in event:
+                        return error_event_verdict(data)
+                    answering = answering or _is_real_chunk(event)
+                    has_image = has_image or _has_image_delta(event)
+                if answering and has_image:
+                    return Verdict(OK, "ok", "", answer=StreamStart(target, stream, decoder, held, [], finished))
         except UpstreamFault as fault:
             return fault_verdict(fault)
-        except TimeoutError:
-            return Verdict(MOVE_ON, "first_byte_timeout", f"no chunk within {first_byte_s:g} s")
-        # The upstream ended cleanly before any real chunk: relay what it sent.
-        return Verdict(OK, "ok", "", answer=StreamStart(target, stream, decoder, held, [], True))
+        if answering:
+            return Verdict(MOVE_ON, "no_image", "the stream ended without an image")
+        rest = decoder.pending.strip()
+        if rest:
+            # Not an event stream at all: most likely an error body sent with status 200.
+            return answer_verdict(target, rest, streaming=True)
+        return Verdict(RETRY, "empty_stream", "the stream ended before any answer")
 
 
 def fault_verdict(fault: UpstreamFault) -> Verdict:
-    if fault.kind in ("first_byte_timeout", "timeout", "idle_timeout"):
+    if fault.kind in TIMEOUT_OUTCOMES:
         # Retrying would double the wait: move on.
         return Verdict(MOVE_ON, fault.kind, fault.detail)
     return Verdict(RETRY, fault.kind, fault.detail)
 
 
 def status_verdict(status: int, headers: Mapping[str, str], body: bytes) -> Verdict:
-    info = read_upstream_error(body)
+    return info_verdict(status, read_upstream_error(body, status), retry_after_s(headers))
+
+
+def error_event_verdict(data: bytes) -> Verdict:
+    """An ``{"error": ...}`` event before the first real chunk, judged like the status it names."""
+    info = read_upstream_error(data)
+    status = info.numeric_code if info.numeric_code is not None and 400 <= info.numeric_code < 600 else 502
+    verdict = info_verdict(status, info, None)
+    return attrs.evolve(verdict, outcome=f"error_event {verdict.outcome}")
+
+
+def info_verdict(status: int, info: UpstreamErrorInfo, retry_after: float | None) -> Verdict:
     outcome = str(status)
     if info.is_context_length:
         return Verdict(MOVE_ON, "context_length", info.reason)
     if status in TRANSIENT_STATUSES or status >= 500:
-        return Verdict(RETRY, outcome, info.reason, retry_after_s=retry_after_s(headers))
-    if status in BACKEND_PROBLEM_STATUSES:
+        return Verdict(RETRY, outcome, info.reason, retry_after_s=retry_after)
+    if status in BACKEND_PROBLEM_STATUSES and not info.is_content_filter:
         return Verdict(MOVE_ON, outcome, info.reason)
     if 400 <= status < 500:
-        error = GatewayError("upstream_rejected", f"The upstream refused the request: {info.reason}", status=status)
+        what = f"HTTP {status}" + (f", {info.code}" if info.code and info.code != str(status) else "")
+        at: Location | None = (info.param,) if info.param else None
+        error = GatewayError("upstream_rejected", f"The model refused the request ({what}): {info.reason}", at=at, status=status)
         return Verdict(STOP, outcome, info.reason, error=error)
     return Verdict(RETRY, outcome, f"unexpected status: {info.reason}")
+
+
+def answer_verdict(target: Target, raw: bytes, *, streaming: bool = False) -> Verdict:
+    """Judge a 200 answer's body: a chat completion, an error in disguise, or junk."""
+    try:
+        answer = _decode(raw)
+    except msgspec.DecodeError:
+        answer = None
+    if isinstance(answer, dict) and "error" in answer and not isinstance(answer.get("choices"), list):
+        # Some providers answer 200 with an error object: judge it as the status it names.
+        verdict = error_event_verdict(raw)
+        return attrs.evolve(verdict, outcome=verdict.outcome.replace("error_event", "error_body"))
+    if streaming:
+        return Verdict(RETRY, "invalid_stream", "the answer is not an event stream")
+    if answer is None:
+        return Verdict(RETRY, "invalid_json", "the answer is not JSON")
+    if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+        return Verdict(RETRY, "invalid_json", "the answer is not a chat completion")
+    if target.image_output and not message_images(answer):
+        return Verdict(MOVE_ON, "no_image", "the answer holds no image")
+    return Verdict(OK, "ok", "", answer=Served(target, answer, []))
 
 
 def exhausted_error(alias: str, attempts: list[Attempt], health: HealthBoard, targets: tuple[Target, ...]) -> GatewayError:
@@ -331,6 +497,10 @@ def exhausted_error(alias: str, attempts: list[Attempt], health: HealthBoard, ta
     outcomes = {a.outcome for a in called}
     summary = "; ".join(a.describe() for a in attempts) or "no target could be tried"
     if not called:
+        busy = [a.refusal for a in attempts if a.refusal is not None]
+        if busy:
+            # Every target that could be tried was at its max_concurrency: the client waits and retries.
+            return GatewayError(busy[0].code, busy[0].message, headers=busy[0].headers)
         unset = sorted({t.api_key_env for t in targets if not t.configured and t.api_key_env})
         if unset and all(a.outcome == "not_configured" for a in attempts):
             names = " or ".join(unset)
@@ -342,7 +512,7 @@ def exhausted_error(alias: str, attempts: list[Attempt], health: HealthBoard, ta
         return GatewayError(
             "no_healthy_backend",
             f"Every target of '{alias}' is cooling down after repeated failures ({summary}).",
-            headers={"retry-after": str(max(1, round(wait_s)))},
+            headers={"retry-after": str(max(1, math.ceil(wait_s)))},
         )
     if outcomes == {"context_length"}:
         return GatewayError(
@@ -352,6 +522,6 @@ def exhausted_error(alias: str, attempts: list[Attempt], health: HealthBoard, ta
         )
     if outcomes == {"no_image"}:
         return GatewayError("no_image_generated", f"No target of '{alias}' answered with an image ({summary}).")
-    if outcomes <= {"timeout", "first_byte_timeout", "idle_timeout"}:
+    if outcomes <= TIMEOUT_OUTCOMES:
         return GatewayError("upstream_timeout", f"No target of '{alias}' answered in time ({summary}).")
     return GatewayError("upstream_error", f"Every target of '{alias}' failed: {summary}.")

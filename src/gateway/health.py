@@ -1,9 +1,20 @@
-"""Per-target health: consecutive failures and cooldowns (SPEC §6).
+"""Per-target health: consecutive failures, cooldowns and probes (SPEC §6).
 
-A target (backend + upstream model) that fails ``cooldown_failures`` times in a
-row is skipped without a call for ``cooldown_s``; then one request probes it
-(half-open) and the first success clears it. The board lives for the whole
-process, across reloads, keyed by (backend, model).
+A target is a (backend, upstream model) pair, so one failing model does not cool
+down its whole backend. The board lives for the whole process, across reloads.
+
+1. Each failed call counts; ``cooldown_failures`` failures in a row cool the
+   target down for ``cooldown_s``: the dispatcher skips it without a call. An
+   upstream that asked for a pause (``Retry-After``) the plan did not wait out
+   cools its target down at once, for that long (at most ``cooldown_s``).
+2. When the cooldown is over, the next request is let through as the probe;
+   others keep skipping the target while the probe runs, so a dead target gets
+   one call per cooldown, never a burst.
+3. The probe's answer decides: a success (any answer that shows the target is up,
+   even a refusal of the request) clears the target; a failure cools it again.
+   A probe that ends without a verdict (the client left) frees the probe slot, and
+   a probe that never reports is forgotten after its window, so a target cannot
+   stay skipped forever.
 """
 
 from __future__ import annotations
@@ -13,32 +24,34 @@ from collections.abc import Iterator
 
 import attrs
 
+TargetKey = tuple[str, str]
+
 
 @attrs.define
 class TargetHealth:
-    failures: int = 0
-    cooled_until: float = 0.0
-    probing: bool = False
+    failures: int = 0               # consecutive
+    cooled_until: float = 0.0       # monotonic; 0: not cooled
+    probe_until: float = 0.0        # monotonic end of the running probe's window; 0: no probe
     last_error: str | None = None
     successes: int = 0
     total_failures: int = 0
+    cooldowns: int = 0
 
 
 class HealthBoard:
     def __init__(self) -> None:
-        self._targets: dict[tuple[str, str], TargetHealth] = {}
+        self._targets: dict[TargetKey, TargetHealth] = {}
 
-    def _get(self, key: tuple[str, str]) -> TargetHealth:
+    def _get(self, key: TargetKey) -> TargetHealth:
         health = self._targets.get(key)
         if health is None:
             health = self._targets[key] = TargetHealth()
         return health
 
-    def cooling_for(self, key: tuple[str, str], now: float | None = None) -> float:
-        """Seconds this target is still cooling down; 0 when it may be called.
+    def admit(self, key: TargetKey, probe_window_s: float, now: float | None = None) -> float:
+        """0 when the target may be called now, else the seconds it stays skipped.
 
-        After the cooldown, the first caller gets 0 and becomes the probe; others
-        keep skipping it until the probe ends, so a dead target gets one call.
+        After a cooldown the caller admitted becomes the probe for ``probe_window_s``.
         """
         health = self._targets.get(key)
         if health is None or health.cooled_until == 0.0:
@@ -46,37 +59,71 @@ class HealthBoard:
         now = time.monotonic() if now is None else now
         if now < health.cooled_until:
             return health.cooled_until - now
-        if health.probing:
-            return 1.0
-        health.probing = True
+        if now < health.probe_until:
+            return health.probe_until - now
+        health.probe_until = now + probe_window_s
         return 0.0
 
-    def succeeded(self, key: tuple[str, str]) -> None:
+    def cooling_for(self, key: TargetKey, now: float | None = None) -> float:
+        """Seconds before the target may be called again (0 when it may), without admitting anyone."""
+        health = self._targets.get(key)
+        if health is None or health.cooled_until == 0.0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(health.cooled_until - now, health.probe_until - now, 0.0)
+
+    def succeeded(self, key: TargetKey) -> None:
         health = self._get(key)
         health.failures = 0
-        health.cooled_until = 0.0
-        health.probing = False
+        health.cooled_until = health.probe_until = 0.0
         health.successes += 1
 
-    def failed(self, key: tuple[str, str], reason: str, *, failures_to_cool: int, cooldown_s: float) -> None:
+    def failed(self, key: TargetKey, reason: str, *, failures_to_cool: int, cooldown_s: float) -> None:
         health = self._get(key)
         health.failures += 1
         health.total_failures += 1
         health.last_error = reason
-        health.probing = False
+        health.probe_until = 0.0
         if health.failures >= failures_to_cool:
-            health.cooled_until = time.monotonic() + cooldown_s
+            self._cool(health, cooldown_s)
+
+    def pause(self, key: TargetKey, reason: str, pause_s: float) -> None:
+        """The upstream asked not to be called for ``pause_s``: cool it down at once."""
+        health = self._get(key)
+        health.last_error = reason
+        health.probe_until = 0.0
+        self._cool(health, pause_s)
+
+    def released(self, key: TargetKey) -> None:
+        """A call ended without a verdict on the target (the client left): free the probe slot."""
+        health = self._targets.get(key)
+        if health is not None:
+            health.probe_until = 0.0
+
+    @staticmethod
+    def _cool(health: TargetHealth, cooldown_s: float) -> None:
+        until = time.monotonic() + cooldown_s
+        if until > health.cooled_until:
+            health.cooled_until = until
+            health.cooldowns += 1
 
     def report(self) -> Iterator[dict[str, object]]:
         now = time.monotonic()
         for (backend, model), health in sorted(self._targets.items()):
+            if health.cooled_until == 0.0:
+                state = "healthy"
+            elif now < health.cooled_until:
+                state = "cooling_down"
+            else:
+                state = "probing"  # the cooldown is over: the next call (or the one running) is the probe
             yield {
                 "backend": backend,
                 "model": model,
-                "state": "cooling_down" if health.cooled_until > now else ("probing" if health.cooled_until else "healthy"),
+                "state": state,
                 "cooldown_remaining_s": round(max(0.0, health.cooled_until - now), 3),
                 "consecutive_failures": health.failures,
                 "successes": health.successes,
                 "failures": health.total_failures,
+                "cooldowns": health.cooldowns,
                 "last_error": health.last_error,
             }

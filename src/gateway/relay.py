@@ -1,18 +1,26 @@
 """Relay an upstream stream to the client, event by event (SPEC §6).
 
-Each ``data:`` event is decoded once, gets the serving alias as its ``model``
-(and sniffed image types), and is re-encoded. A malformed chunk is dropped and
-counted. After the first byte has gone to the client a fault cannot fall back:
-a cut, an idle gap or an upstream error event ends the stream with one
-``data: {"error": ...}`` event and no ``[DONE]``, so a truncated answer never
-looks complete. An upstream that ends without ``[DONE]`` after its finish
-reason is finalised at once with ``[DONE]``.
+How it works:
+1. The events the dispatcher held (up to the first real chunk) go first, then
+   the rest of the upstream stream as it arrives. Each ``data:`` event is
+   decoded once, gets the serving alias as its ``model`` and sniffed image
+   types, and is re-encoded; comments and keep-alives are not forwarded.
+2. A malformed chunk is dropped, logged and counted; the stream goes on.
+3. After the first byte has gone to the client a fault cannot fall back: a cut,
+   an idle gap, the total running out, or an upstream error event ends the
+   stream with one ``data: {"error": ...}`` event and no ``[DONE]``, so a
+   truncated answer never looks complete.
+4. An upstream that ends without ``[DONE]`` is finalised with ``[DONE]`` when
+   its answer is complete (every choice has its finish reason); once the answer
+   is complete and its usage is in (or was not asked for), the relay waits only
+   ``TAIL_GRACE_S`` for the end, so a missing ``[DONE]`` never holds the client.
+   An answer that ends unfinished is an error, as in 3.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
@@ -22,9 +30,12 @@ from gateway.errors import GatewayError
 from gateway.shaping import encode, fix_images
 from gateway.sse import DONE, DONE_EVENT, data_event
 from gateway.upstream import UpstreamFault
-from gateway.upstream_errors import read_upstream_error
+from gateway.upstream_errors import read_upstream_error, scrub
 
 log = logging.getLogger("gateway.relay")
+
+# How long a complete answer may wait for its upstream's end (usage, [DONE]).
+TAIL_GRACE_S = 1.0
 
 _decode = msgspec.json.Decoder().decode
 
@@ -38,35 +49,49 @@ def error_event(error: GatewayError) -> bytes:
 
 
 class StreamRelay:
-    """Turns upstream event data into client SSE bytes; remembers finish and usage."""
+    """Turns upstream event data into client SSE bytes; remembers finish reasons and usage."""
 
-    def __init__(self, served_alias: str, on_malformed: Callable[[], None]) -> None:
+    def __init__(self, served_alias: str, on_malformed: Callable[[], None], *, expect_usage: bool = False) -> None:
         self.served_alias = served_alias
-        self.saw_finish = False
         self.usage: dict[str, Any] | None = None
+        self.expect_usage = expect_usage
+        self._choices: set[int] = set()
+        self._finished_choices: set[int] = set()
         self._on_malformed = on_malformed
+
+    @property
+    def saw_finish(self) -> bool:
+        """Every choice the upstream started has its finish reason."""
+        return bool(self._finished_choices) and self._choices <= self._finished_choices
+
+    @property
+    def complete(self) -> bool:
+        """Nothing more is needed from the upstream: finished, with usage when it was asked for."""
+        return self.saw_finish and (self.usage is not None or not self.expect_usage)
 
     def render(self, data: bytes | None) -> bytes | None:
         if data is None:
-            return None
+            return None  # a comment or keep-alive: nothing for the client
         if data.strip() == DONE:
             raise _Finished
         try:
             event = _decode(data)
         except msgspec.DecodeError:
-            self._on_malformed()
-            return None
+            event = None
         if not isinstance(event, dict):
+            log.warning("dropped a malformed chunk from %s: %r", self.served_alias, data[:80])
             self._on_malformed()
             return None
         if "error" in event:
             info = read_upstream_error(data)
-            raise GatewayError("upstream_error", f"The upstream failed mid-stream: {info.reason}")
+            raise GatewayError("upstream_error", f"The model failed mid-answer: {info.reason}. The answer is incomplete.")
         event["model"] = self.served_alias
         for choice in event.get("choices") or ():
             if isinstance(choice, dict):
+                index = choice.get("index", 0)
+                self._choices.add(index if isinstance(index, int) else 0)
                 if choice.get("finish_reason"):
-                    self.saw_finish = True
+                    self._finished_choices.add(index if isinstance(index, int) else 0)
                 delta = choice.get("delta")
                 if isinstance(delta, dict) and isinstance(delta.get("images"), list):
                     fix_images(delta["images"])
@@ -75,31 +100,44 @@ class StreamRelay:
         return data_event(encode(event))
 
 
-async def relay_stream(start: StreamStart, relay: StreamRelay) -> AsyncIterator[bytes]:
+async def relay_stream(start: StreamStart, relay: StreamRelay) -> AsyncGenerator[bytes, None]:
     """Yield the client's SSE bytes; the caller closes ``start.stream`` on every path."""
+    stream, decoder = start.stream, start.decoder
+    secrets = start.target.secrets
     try:
         for data in start.held:
             out = relay.render(data)
             if out is not None:
                 yield out
-        if not start.finished:
-            while (chunk := await start.stream.next_chunk()) is not None:
-                for data in start.decoder.feed(chunk):
-                    out = relay.render(data)
-                    if out is not None:
-                        yield out
+        ended = start.finished
+        while not ended:
+            try:
+                chunk = await stream.next_chunk(TAIL_GRACE_S if relay.complete else None)
+            except UpstreamFault:
+                if relay.saw_finish:
+                    break  # the answer is whole; only its end (or usage) went missing
+                raise
+            ended = chunk is None
+            for data in decoder.feed(chunk) if chunk is not None else decoder.finish():
+                out = relay.render(data)
+                if out is not None:
+                    yield out
     except _Finished:
         yield DONE_EVENT
         return
     except UpstreamFault as fault:
-        code = "upstream_timeout" if fault.kind == "idle_timeout" else "upstream_error"
-        log.warning("stream from %s cut after the first byte: %s", relay.served_alias, fault)
-        yield error_event(GatewayError(code, f"The upstream stream broke off ({fault.kind}: {fault.detail}); the answer is incomplete."))
+        code = "upstream_timeout" if fault.kind in ("idle_timeout", "timeout") else "upstream_error"
+        log.warning("stream from %s broke off after the first byte: %s", relay.served_alias, fault)
+        detail = scrub(f"{fault.kind}: {fault.detail}", secrets)
+        yield error_event(GatewayError(code, f"The model's stream broke off ({detail}); the answer is incomplete."))
         return
     except GatewayError as error:
-        yield error_event(error)
+        log.warning("stream from %s ended by an upstream error: %s", relay.served_alias, error.message)
+        yield error_event(GatewayError(error.code, scrub(error.message, secrets)))
         return
     if relay.saw_finish:
+        if not start.finished:
+            log.info("stream from %s ended without [DONE]; finalised", relay.served_alias)
         yield DONE_EVENT
     else:
-        yield error_event(GatewayError("upstream_error", "The upstream ended the stream before finishing; the answer is incomplete."))
+        yield error_event(GatewayError("upstream_error", "The model's stream ended before the answer was finished; the answer is incomplete."))

@@ -4,6 +4,17 @@ A ``Snapshot`` holds the config, each alias compiled (its rules and its ordered
 targets, fallbacks and composite members resolved), the backends' keys read
 from the environment, and the content hash and load time the status page
 shows. The gateway swaps snapshots whole; a request reads one and keeps it.
+
+Derived at load time, per alias:
+1. Timeouts of each target, resolved alias → backend → ``[defaults]`` → built-in:
+   connect, first byte (for a stream: until its first real chunk; default the
+   total), idle gap between stream chunks, and total (one attempt's whole time).
+2. The plan: own target then ``fallback`` aliases recursively, or a composite's
+   ``route`` members in order (then its fallbacks); each alias at most once.
+3. The plan's deadline, which bounds a request's total time over all attempts:
+   a composite's own ``timeout_s`` when it sets one, else the sum of its
+   targets' totals (a target's own ``timeout_s`` is that one attempt's bound,
+   not the plan's, so its fallbacks still get their time).
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 import time
+import urllib.parse
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -63,6 +75,14 @@ class Target:
     @property
     def configured(self) -> bool:
         return self.api_key_env is None or self.api_key is not None
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """What must never reach a client: the key, the backend's URL and its host."""
+        host = urllib.parse.urlsplit(self.base_url).netloc
+        # Backend headers may carry keys too; short values ("1", "true") cannot be secrets.
+        header_values = [value for value in self.headers.values() if len(value) >= 8]
+        return tuple(s for s in (self.api_key, self.base_url, host, *header_values) if s)
 
 
 @attrs.frozen
@@ -154,6 +174,13 @@ def _plan_targets(name: str, config: Config, targets: Mapping[str, Target], seen
     return plan
 
 
+def plan_deadline_s(spec: AliasSpec, plan: tuple[Target, ...]) -> float:
+    """The bound on a request's total time over every attempt of its plan."""
+    if spec.route is not None and spec.timeout_s is not None:
+        return spec.timeout_s
+    return sum(target.timeouts.total_s for target in plan) or BUILTIN_TOTAL_S
+
+
 def build_snapshot(
     config: Config,
     *,
@@ -170,9 +197,9 @@ def build_snapshot(
     aliases: dict[str, CompiledAlias] = {}
     for name, spec in config.models.items():
         plan = tuple(_plan_targets(name, config, targets, set()))
-        own_total = spec.timeout_s if spec.timeout_s is not None else None
-        deadline = own_total or sum(t.timeouts.total_s for t in plan)
-        aliases[name] = CompiledAlias(name=name, spec=spec, rules=rules[name], targets=plan, deadline_s=deadline)
+        aliases[name] = CompiledAlias(
+            name=name, spec=spec, rules=rules[name], targets=plan, deadline_s=plan_deadline_s(spec, plan)
+        )
     unconfigured = {
         name: backend.api_key_env
         for name, backend in config.backends.items()

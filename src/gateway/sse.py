@@ -1,39 +1,61 @@
 """Server-sent events: split an upstream byte stream into events, and write ours.
 
 Upstream chunk boundaries fall anywhere, so bytes are buffered until an event's
-blank line. Only ``data:`` lines matter for chat completions; comment lines
-(OpenRouter's ``: OPENROUTER PROCESSING`` keep-alives) are reported separately
-so the relay can decide what to do with them.
+blank line. Line ends may be LF, CRLF or CR (the SSE grammar allows all three);
+they are made LF on the way in, a CR at a chunk's end waiting for the next chunk
+in case it is half of a CRLF. Only ``data:`` lines matter for chat completions;
+an event without one (a ``: keep-alive`` comment) is reported as ``None``.
+
+The buffer is a bytearray scanned only from where the last scan stopped, so an
+event of many megabytes (a streamed image) costs linear time, not quadratic.
 """
 
 from __future__ import annotations
 
 DONE = b"[DONE]"
+_SEPARATOR = b"\n\n"
 
 
 class SSEDecoder:
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scan_from = 0
+        self._carried_cr = False
 
     def feed(self, chunk: bytes) -> list[bytes | None]:
         """Each complete event's data (``None`` for an event with no data line)."""
-        buffer = self._buffer + chunk if self._buffer else chunk
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
+        if self._carried_cr:
+            chunk = b"\r" + chunk
+            self._carried_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._carried_cr = True
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        self._buffer += chunk
         events: list[bytes | None] = []
         start = 0
-        while True:
-            end = buffer.find(b"\n\n", start)
-            if end < 0:
-                break
-            events.append(_event_data(buffer[start:end]))
-            start = end + 2
-        self._buffer = buffer[start:]
+        search = max(self._scan_from - 1, 0)
+        while (end := self._buffer.find(_SEPARATOR, search)) >= 0:
+            events.append(_event_data(bytes(self._buffer[start:end])))
+            start = search = end + 2
+        if start:
+            del self._buffer[:start]
+        self._scan_from = len(self._buffer)
         return events
+
+    def finish(self) -> list[bytes | None]:
+        """The last event of a stream that ended without its blank line."""
+        if self._carried_cr:
+            self._carried_cr = False
+        rest = bytes(self._buffer).strip(b"\n")
+        self._buffer.clear()
+        self._scan_from = 0
+        return [_event_data(rest)] if rest else []
 
     @property
     def pending(self) -> bytes:
-        return self._buffer
+        return bytes(self._buffer)
 
 
 def _event_data(event: bytes) -> bytes | None:

@@ -5,28 +5,56 @@ httpx is the client API; underneath it runs aiohttp's connection pool (through
 hundreds of concurrent streams: measured on a bare pass-through it served 48 of
 197 possible one-second streams per second at 200 concurrent, aiohttp's 191.
 
-Every transport failure leaves this module as an ``UpstreamFault`` with a short
+How a call goes:
+1. ``UpstreamClient.open`` sends the request and waits for the response headers,
+   at most ``wait_s`` (the caller's first-byte window, or for a non-streaming
+   call the whole budget: there the headers come with the finished answer).
+2. The caller reads the body through ``UpstreamStream.next_chunk``: each read
+   waits at most the target's idle gap, and never past the attempt's end
+   (``ends_at``), so a stalled stream is caught by the idle gap and a trickling
+   one by the total.
+3. The owner calls ``aclose()`` on every path; closing a body that is not fully
+   read closes its connection, which is how the upstream learns to stop.
+
+Every transport failure leaves this module as an ``UpstreamFault`` whose
 ``kind`` the dispatcher classifies: ``connect`` (refused, unreachable),
-``reset`` (cut before or during the answer), ``first_byte_timeout``,
+``connect_timeout``, ``reset`` (cut before or during the answer), ``first_byte_timeout``,
 ``idle_timeout``, ``timeout`` (the total ran out). ``httpx_aiohttp`` maps
 aiohttp's errors to httpx types loosely (a server that closes the connection
 becomes ``ConnectTimeout``), so the original aiohttp cause decides the kind.
+A fault's ``detail`` is our own short wording, never the library's message:
+those name the backend's host and port, and clients must not see backends.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import email.utils
+import logging
+import os
+import time
+from collections.abc import Generator, Mapping
+
 import aiohttp
-import attrs
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from gateway.snapshot import ResolvedTimeouts, Target
+from gateway.snapshot import Target
 
 # Loopback upstreams answer uncompressed: gzip would cost CPU on both sides for nothing,
 # and remote ones send small JSON whose size does not matter next to generation time.
 BASE_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
+
+# httpx logs every request's full URL at INFO; a backend URL may carry credentials,
+# and which backend served belongs in our own structured logs, not in httpx's.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class _HeadersOnly(httpx.Auth):
+    """Send the request as built: the backend's key header wins over credentials in its URL."""
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        yield request
 
 
 class UpstreamFault(Exception):
@@ -38,58 +66,73 @@ class UpstreamFault(Exception):
         self.detail = detail
 
 
-def _fault_kind(exc: BaseException) -> str:
+def _transport_fault(exc: BaseException) -> UpstreamFault:
+    """Map an httpx/aiohttp/OS error to a fault, in words that name no host."""
     cause = exc.__cause__ or exc
-    if isinstance(cause, (aiohttp.ClientConnectorError, httpx.ConnectError)):
-        return "connect"
+    if isinstance(cause, (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout)):
+        return UpstreamFault("connect_timeout", "no connection in time")
+    if isinstance(cause, (aiohttp.ClientConnectorError, httpx.ConnectError, ConnectionRefusedError)):
+        # The errno's own words: aiohttp's message and strerror name the host and port.
+        number = getattr(getattr(cause, "os_error", cause), "errno", None)
+        reason = os.strerror(number) if isinstance(number, int) and number > 0 else "cannot connect"
+        return UpstreamFault("connect", reason.lower())
     if isinstance(cause, (aiohttp.ServerTimeoutError, asyncio.TimeoutError, httpx.TimeoutException)):
-        return "timeout"
-    return "reset"
-
-
-def _short(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc
-    text = str(cause) or type(cause).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-@attrs.define
-class UpstreamReply:
-    """A whole (non-streaming) answer."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
+        return UpstreamFault("timeout", "the transport timed out")
+    if isinstance(cause, aiohttp.ServerDisconnectedError):
+        return UpstreamFault("reset", "the upstream closed the connection")
+    if isinstance(cause, aiohttp.ClientPayloadError):
+        return UpstreamFault("reset", "the answer was cut off")
+    if isinstance(cause, (ConnectionResetError, aiohttp.ClientOSError)):
+        return UpstreamFault("reset", "connection reset")
+    return UpstreamFault("reset", f"transport error ({type(cause).__name__})")
 
 
 class UpstreamStream:
     """An open answer, read chunk by chunk; the owner must ``aclose()`` it on every path."""
 
-    def __init__(self, response: httpx.Response, idle_s: float) -> None:
+    def __init__(self, response: httpx.Response, idle_s: float, ends_at: float) -> None:
         self.status = response.status_code
         self.headers = response.headers
+        self.ends_at = ends_at
         self._response = response
         self._idle_s = idle_s
+        self._closed = False
         # One iterator for the stream's whole life: the dispatcher reads the first
         # chunks, the relay the rest, and httpx allows a body to be iterated once.
-        self._chunks = response.aiter_raw().__aiter__()
+        # aiter_bytes, not aiter_raw: it undoes a content-encoding an upstream used
+        # despite our "identity", and serves a body already read (MockTransport).
+        self._chunks = response.aiter_bytes().__aiter__()
 
-    async def next_chunk(self) -> bytes | None:
-        """The next piece of the body, or None at its end; a gap over the idle timeout is a fault."""
+    async def next_chunk(self, within_s: float | None = None) -> bytes | None:
+        """The next piece of the body, or None at its end.
+
+        Waits at most the idle gap, or ``within_s`` when given (before a stream's
+        first real chunk a silence is the model thinking, not a stall: the caller
+        passes what is left of the first-byte window), and never past the
+        attempt's end. A longer wait is a fault: ``idle_timeout``,
+        ``first_byte_timeout`` or ``timeout`` (the total ran out).
+        """
+        left_s = self.ends_at - time.monotonic()
+        window_s = self._idle_s if within_s is None else within_s
         try:
-            async with asyncio.timeout(self._idle_s):
+            async with asyncio.timeout(max(min(window_s, left_s), 0.0)):
                 return await self._chunks.__anext__()
         except StopAsyncIteration:
             return None
         except TimeoutError:
+            if left_s <= window_s:
+                raise UpstreamFault("timeout", "the attempt's total time ran out") from None
+            if within_s is not None:
+                raise UpstreamFault("first_byte_timeout", "no answer began in time") from None
             raise UpstreamFault("idle_timeout", f"no data for {self._idle_s:g} s") from None
         except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamFault(_fault_kind(exc), _short(exc)) from exc
+            raise _transport_fault(exc) from exc
 
-    async def read(self, limit: int | None = None) -> bytes:
+    async def read(self, limit: int | None = None, *, within_s: float | None = None) -> bytes:
+        """The rest of the body (at most about ``limit`` bytes), each read waiting as ``next_chunk`` does."""
         parts: list[bytes] = []
         size = 0
-        while (chunk := await self.next_chunk()) is not None:
+        while (chunk := await self.next_chunk(within_s)) is not None:
             parts.append(chunk)
             size += len(chunk)
             if limit is not None and size >= limit:
@@ -97,7 +140,14 @@ class UpstreamStream:
         return b"".join(parts)
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        """Close once; a body not read to its end closes the connection, telling the upstream to stop."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._response.aclose()
+        except (httpx.HTTPError, aiohttp.ClientError, OSError):
+            pass  # the connection is broken already: nothing left to close
 
 
 class UpstreamClient:
@@ -109,6 +159,7 @@ class UpstreamClient:
             transport=transport or AiohttpTransport(limits=limits),
             timeout=None,  # every call sets its own deadlines from the target's config
             follow_redirects=False,
+            trust_env=False,  # a proxy from the environment must not see prompts or keys
         )
 
     async def aclose(self) -> None:
@@ -125,31 +176,47 @@ class UpstreamClient:
             f"{target.base_url}/chat/completions",
             content=body,
             headers=headers,
+            # Reads are bounded by UpstreamStream's idle gap and the attempt's end;
+            # the transport only needs the connect bound.
             timeout=httpx.Timeout(timeouts.total_s, connect=timeouts.connect_s, pool=timeouts.connect_s),
         )
 
-    async def open(self, target: Target, body: bytes, *, first_byte_s: float | None = None) -> UpstreamStream:
-        """Send the request and wait for the response headers (the upstream's first byte)."""
-        timeouts: ResolvedTimeouts = target.timeouts
-        wait_s = first_byte_s if first_byte_s is not None else timeouts.first_byte_s
+    async def open(self, target: Target, body: bytes, *, wait_s: float, ends_at: float) -> UpstreamStream:
+        """Send the request and wait at most ``wait_s`` for the response headers."""
         request = self._request(target, body)
         try:
-            async with asyncio.timeout(wait_s):
-                response = await self._client.send(request, stream=True)
+            async with asyncio.timeout(max(wait_s, 0.0)):
+                # httpx would turn credentials in the URL into Basic auth, replacing the key.
+                auth = _HeadersOnly() if target.api_key else httpx.USE_CLIENT_DEFAULT
+                response = await self._client.send(request, stream=True, auth=auth)
         except TimeoutError:
-            raise UpstreamFault("first_byte_timeout", f"no answer within {wait_s:g} s") from None
+            raise UpstreamFault("first_byte_timeout", f"no answer within {wait_s:.3g} s") from None
         except (httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamFault(_fault_kind(exc), _short(exc)) from exc
-        return UpstreamStream(response, timeouts.idle_s)
+            raise _transport_fault(exc) from exc
+        return UpstreamStream(response, target.timeouts.idle_s, ends_at)
 
 
-def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """``Retry-After`` in seconds (only the delta form: HTTP dates from LLM APIs are rare)."""
-    value = headers.get("retry-after")
-    if value is None:
+def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """How long the upstream asked us to wait: ``retry-after-ms``, ``Retry-After`` seconds or HTTP date."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            value = float(millis) / 1000
+        except ValueError:
+            value = -1.0
+        if value >= 0:
+            return value
+    raw = headers.get("retry-after")
+    if raw is None:
         return None
+    raw = raw.strip()
     try:
-        seconds = float(value)
+        seconds = float(raw)
     except ValueError:
-        return None
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+        return max(seconds, 0.0)
     return seconds if seconds >= 0 else None

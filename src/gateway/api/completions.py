@@ -23,6 +23,7 @@ import msgspec
 from gateway.admission import Admission, AdmitAll, Ticket
 from gateway.api.edge import (
     JSON_HEADERS,
+    ClientGone,
     Headers,
     cancelled_on_disconnect,
     header,
@@ -35,8 +36,8 @@ from gateway.dispatch import Attempt, Dispatcher
 from gateway.errors import GatewayError, Location
 from gateway.facts import inspect_request
 from gateway.metrics import Metrics
-from gateway.reload import SnapshotHolder
 from gateway.relay import StreamRelay, relay_stream
+from gateway.reload import SnapshotHolder
 from gateway.routing import plan_attempts
 from gateway.shaping import client_body
 
@@ -78,7 +79,7 @@ class CompletionService:
             raw = await read_body(receive, snapshot.config.server.max_request_bytes)
             try:
                 body = _decode(raw)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings raise the latter
                 raise GatewayError("invalid_json", f"The body is not valid JSON: {exc}.") from None
             if translate is not None:
                 body, relocate = translate(body)
@@ -100,12 +101,21 @@ class CompletionService:
             if error.at is not None:
                 error = error.relocated(relocate(error.at))
             self.metrics.inc("gateway_requests_total", alias=alias_name, status=str(error.status))
-            await send_error(send, error)
+            await self._send_error(send, error)
+        except ClientGone:
+            self.metrics.inc("gateway_requests_total", alias=alias_name, status="499")
         except Exception:
             rid = request_id(scope)
             log.exception("unexpected fault in request %s", rid)
             self.metrics.inc("gateway_requests_total", alias=alias_name, status="500")
-            await send_error(send, GatewayError("internal_error", f"An unexpected fault in the gateway (request id {rid})."))
+            await self._send_error(send, GatewayError("internal_error", f"An unexpected fault in the gateway (request id {rid})."))
+
+    @staticmethod
+    async def _send_error(send: Any, error: GatewayError) -> None:
+        try:
+            await send_error(send, error)
+        except ClientGone:
+            pass  # nobody left to tell
 
     async def _complete(self, send: Any, alias: Any, targets: Any, body: Any, ticket: Ticket) -> None:
         try:
@@ -127,7 +137,12 @@ class CompletionService:
             ticket.settle(None)
             raise
         served_alias = start.target.alias
-        relay = StreamRelay(served_alias, lambda: self.metrics.inc("gateway_stream_malformed_chunks_total", alias=served_alias))
+        options = body.get("stream_options")
+        relay = StreamRelay(
+            served_alias,
+            lambda: self.metrics.inc("gateway_stream_malformed_chunks_total", alias=served_alias),
+            expect_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        )
         try:
             headers = [*served_headers(served_alias, start.attempts), *ticket.headers]
             await send_stream(send, relay_stream(start, relay), headers)

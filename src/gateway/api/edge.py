@@ -5,17 +5,28 @@ The completion path skips Litestar's request parsing: it reads the body itself
 refused at the limit instead of buffered), decodes JSON once with msgspec, and
 writes its own responses. A disconnect watcher cancels the handler the moment
 the client leaves, so the upstream call is closed at once on every path.
+
+Under granian (2.8), ``receive()`` after the body has been read blocks until the
+client goes away and then returns ``http.disconnect`` within milliseconds,
+before the first byte and mid-stream alike (tests/test_disconnect.py holds it
+to a second). A ``send`` to a client that has gone, on the other hand, does not
+raise there: the bytes are silently dropped, so without the watcher a stream
+would run to its end for nobody. Servers whose ``send`` does raise get
+``ClientGone``, which ends the handler just as quietly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.shaping import encode
+
+log = logging.getLogger("gateway.edge")
 
 Headers = list[tuple[bytes, bytes]]
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
@@ -40,7 +51,7 @@ async def read_body(receive: Any, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client disconnected while sending the body")
+            raise ClientGone("the client disconnected while sending the body")
         chunk = message.get("body", b"")
         if chunk:
             size += len(chunk)
@@ -55,49 +66,73 @@ async def read_body(receive: Any, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+class ClientGone(Exception):
+    """The client went away while its answer was being sent."""
+
+
+async def _send_or_gone(send: Any, message: dict[str, Any]) -> None:
+    try:
+        await send(message)
+    except (OSError, RuntimeError) as exc:  # granian: "transport closed"; others: broken pipe
+        raise ClientGone(str(exc)) from exc
+
+
 def _extra(headers: Mapping[str, str] | None) -> Headers:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
 
 
 async def send_bytes(send: Any, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    """Send a whole answer; raises ``ClientGone`` if the client left."""
+    await _send_or_gone(send, {"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await _send_or_gone(send, {"type": "http.response.body", "body": body})
 
 
 async def send_error(send: Any, error: GatewayError, extra: Headers | None = None) -> None:
     await send_bytes(send, error.status, encode(error.envelope()), [*JSON_HEADERS, *_extra(error.headers), *(extra or [])])
 
 
-async def send_stream(send: Any, events: AsyncIterator[bytes], headers: Headers) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
-    async for event in events:
-        await send({"type": "http.response.body", "body": event, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+async def send_stream(send: Any, events: AsyncGenerator[bytes, None], headers: Headers) -> None:
+    """Send an SSE answer; raises ``ClientGone`` if the client left (the caller closes the upstream)."""
+    async with contextlib.aclosing(events):
+        await _send_or_gone(send, {"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
+        async for event in events:
+            await _send_or_gone(send, {"type": "http.response.body", "body": event, "more_body": True})
+        await _send_or_gone(send, {"type": "http.response.body", "body": b"", "more_body": False})
 
 
 @contextlib.asynccontextmanager
 async def cancelled_on_disconnect(receive: Any) -> AsyncIterator[None]:
-    """Cancel the current task when the client disconnects; the body must already be read."""
+    """Cancel the current task when the client disconnects; the body must already be read.
+
+    Everything inside (waiting for the upstream, backoff sleeps, relaying a
+    stream) is cancelled at once, and each ``finally`` on the way out closes what
+    it opened: that is what closes the upstream connection. The block then ends
+    quietly: there is nobody left to answer.
+    """
     task = asyncio.current_task()
     assert task is not None
     disconnected = False
 
     async def watch() -> None:
         nonlocal disconnected
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected = True
-                task.cancel()
-                return
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    break
+        except Exception as exc:  # noqa: BLE001 - a broken receive channel means the client is gone too
+            log.debug("receive() failed, taking the client as gone: %r", exc)
+        disconnected = True
+        task.cancel()
 
     watcher = asyncio.create_task(watch())
     try:
         yield
     except asyncio.CancelledError:
-        if disconnected:
-            task.uncancel()
+        if disconnected and task.uncancel() == 0:
             return  # the client is gone: nothing to answer, and the upstream is already closed
         raise
+    except ClientGone:
+        return
     finally:
         watcher.cancel()

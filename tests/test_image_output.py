@@ -1,0 +1,196 @@
+"""Image output (SPEC §6): data URIs typed by their bytes, streamed image deltas, edits, composite accounting."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.shaping import client_body, fix_image_uri, fix_images
+from harness import STANDIN_SCRIPT, GatewayProcess, StandIn, local_client, start_gateway
+
+
+def _standin_module() -> Any:
+    """The stand-in script as a module, for the exact image bytes it answers with."""
+    spec = importlib.util.spec_from_file_location("standin_upstream_images", STANDIN_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+_STANDIN = _standin_module()
+TINY_PNG: bytes = _STANDIN.TINY_PNG
+TINY_JPEG: bytes = _STANDIN.TINY_JPEG
+
+CLIENT_KEY = "sk-test-client"
+UPSTREAM_KEY = "sk-test-upstream"
+RUN = uuid.uuid4().hex[:6]
+PNG_B64 = base64.b64encode(TINY_PNG).decode()
+JPEG_B64 = base64.b64encode(TINY_JPEG).decode()
+IMAGE_PARAMS = 'params = { modalities = ["image", "text"] }'
+
+
+def upstream_id(alias: str) -> str:
+    return f"{RUN}-image-{alias}"
+
+
+@pytest.fixture(scope="module")
+def gateway(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    directory = tmp_path_factory.mktemp("image-output")
+    lines = [
+        "[routing]", "backoff_s = 0.05", "cooldown_failures = 50", "",
+        "[backends.local]", f'base_url = "{standin.base_url}"', 'api_key_env = "STANDIN_KEY"',
+        "first_byte_timeout_s = 2", "idle_timeout_s = 2", "timeout_s = 5", "",
+    ]
+    for alias in ("painter", "nano", "big"):
+        lines += [
+            f'[models."{alias}"]', 'backend = "local"', f'model = "{upstream_id(alias)}"',
+            'input = ["text", "image"]', 'output = ["image", "text"]', IMAGE_PARAMS, "",
+        ]
+    lines += ['[models."image-gen"]', 'route = ["nano", "big"]', ""]
+    config = directory / "models.toml"
+    config.write_text("\n".join(lines))
+    env = {"GATEWAY_API_KEYS": CLIENT_KEY, "STANDIN_KEY": UPSTREAM_KEY}
+    with start_gateway(config, env=env, log_dir=directory) as running:
+        yield running
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with local_client(timeout_s=10.0) as http:
+        yield http
+
+
+def post(client: httpx.Client, gateway: GatewayProcess, body: dict[str, Any]) -> httpx.Response:
+    return client.post(f"{gateway.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {CLIENT_KEY}"})
+
+
+def draw(alias: str, **extra: Any) -> dict[str, Any]:
+    return {"model": alias, "messages": [{"role": "user", "content": "draw a red dot"}], **extra}
+
+
+def stream_events(response: httpx.Response) -> list[Any]:
+    assert response.status_code == 200, response.text
+    payloads = [event[len("data: "):] for event in response.text.strip().split("\n\n")]
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+# ------------------------------------------------------------------ through the gateway
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        ({"kind": "ok", "image_mime": "image/jpeg"}, f"data:image/png;base64,{PNG_B64}"),
+        ({"kind": "ok", "image_format": "jpeg", "image_mime": "image/webp"}, f"data:image/jpeg;base64,{JPEG_B64}"),
+        ({"kind": "ok"}, f"data:image/png;base64,{PNG_B64}"),
+    ],
+    ids=["png-labelled-jpeg", "jpeg-labelled-webp", "labelled-right"],
+)
+def test_image_answer_is_a_data_uri_typed_by_its_bytes(step: dict[str, Any], expected: str, gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """`choices[0].message.images[0].image_url.url` is a data URI whose type is the one its bytes sniff as."""
+    standin.script(upstream_id("painter"), [step])
+    response = post(client, gateway, draw("painter"))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["choices"][0]["message"]["images"][0]["image_url"]["url"] == expected
+    assert answer["model"] == "painter" and upstream_id("painter") not in response.text
+
+
+def test_streamed_image_delta_passes_through_typed_by_its_bytes(gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """A streamed image delta reaches the client with its sniffed type, every chunk naming the alias."""
+    standin.script(upstream_id("painter"), [{"kind": "ok", "image_mime": "image/gif"}])
+    events = stream_events(post(client, gateway, draw("painter", stream=True)))
+    images = [img for e in events for c in e["choices"] for img in c["delta"].get("images", [])]
+    assert [img["image_url"]["url"] for img in images] == [f"data:image/png;base64,{PNG_B64}"]
+    assert {e["model"] for e in events} == {"painter"}
+
+
+def test_image_input_and_output_together_is_an_edit(gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """An edit: the input image reaches the upstream untouched and the answer carries the new image."""
+    standin.script(upstream_id("painter"), [{"kind": "ok", "image_format": "jpeg"}])
+    content = [{"type": "text", "text": "make it blue"}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}}]
+    response = post(client, gateway, {"model": "painter", "messages": [{"role": "user", "content": content}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["images"][0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    sent = [r for r in standin.requests() if r["model"] == upstream_id("painter")][-1]["body"]
+    assert sent["messages"][0]["content"] == content
+    assert sent["modalities"] == ["image", "text"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
+def test_composite_answer_is_accounted_to_the_member_that_served(stream: bool, gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """The serving member names the answer and the header; usage is that member's, the failed attempt's is not added."""
+    standin.script(upstream_id("nano"), [{"kind": "status", "status": 503}])
+    standin.script(upstream_id("big"), [{"kind": "ok"}])
+    extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    response = post(client, gateway, draw("image-gen", **extra))
+    assert response.status_code == 200, response.text
+    assert response.headers["x-gateway-served-by"] == "big" and response.headers["x-gateway-attempts"] == "3"
+    if stream:
+        events = stream_events(response)
+        assert {e["model"] for e in events} == {"big"}
+        usage = [e["usage"] for e in events if e.get("usage")]
+        assert usage == [{"prompt_tokens": 3, "completion_tokens": 15, "total_tokens": 18}]
+    else:
+        answer = response.json()
+        assert answer["model"] == "big"
+        assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert upstream_id("big") not in response.text and upstream_id("nano") not in response.text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
+def test_no_member_answering_with_an_image_is_502_no_image_generated(stream: bool, gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """When every member answers without an image the client gets 502 no_image_generated listing each attempt."""
+    standin.script(upstream_id("nano"), [{"kind": "no_image"}])
+    standin.script(upstream_id("big"), [{"kind": "no_image"}])
+    response = post(client, gateway, draw("image-gen", stream=stream))
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["code"] == "no_image_generated"
+    assert "nano: no_image" in error["message"] and "big: no_image" in error["message"]
+    assert response.headers["x-gateway-attempts"] == "2"
+
+
+# ------------------------------------------------------------------ the shaping functions
+
+
+def test_fix_image_uri_keeps_a_right_uri_and_retypes_a_wrong_one() -> None:
+    """A correctly typed URI is returned as is; a mislabelled one gets the type of its bytes."""
+    right = f"data:image/png;base64,{PNG_B64}"
+    assert fix_image_uri(right) is right
+    assert fix_image_uri(f"data:image/jpeg;base64,{PNG_B64}") == right
+    assert fix_image_uri(f"data:application/octet-stream;base64,{JPEG_B64}") == f"data:image/jpeg;base64,{JPEG_B64}"
+
+
+def test_fix_image_uri_wraps_bare_base64_and_leaves_the_unknown_alone() -> None:
+    """Bare base64 of an image becomes a data URI; URLs and bytes of no known image type are left untouched."""
+    assert fix_image_uri(PNG_B64) == f"data:image/png;base64,{PNG_B64}"
+    unknown = "data:image/png;base64," + base64.b64encode(b"definitely not an image").decode()
+    assert fix_image_uri(unknown) == unknown
+    assert fix_image_uri("https://example.com/a.png") == "https://example.com/a.png"
+
+
+def test_fix_images_normalises_a_string_image_url() -> None:
+    """An image whose `image_url` is a bare string becomes `{"url": ...}` with the sniffed type."""
+    images: list[Any] = [{"type": "image_url", "image_url": f"data:image/webp;base64,{PNG_B64}"}, "junk", {"type": "x"}]
+    fix_images(images)
+    assert images[0] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}}
+
+
+def test_client_body_names_the_serving_alias() -> None:
+    """The client's body has `model` = the serving alias, everything else passed through."""
+    answer = {"model": "internal/id", "provider": "x", "choices": [{"message": {"images": [{"image_url": {"url": f"data:image/gif;base64,{PNG_B64}"}}]}}]}
+    out = json.loads(client_body(answer, "served"))
+    assert out["model"] == "served" and out["provider"] == "x"
+    assert out["choices"][0]["message"]["images"][0]["image_url"]["url"].startswith("data:image/png;")

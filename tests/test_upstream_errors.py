@@ -1,0 +1,221 @@
+"""Upstream error dialects → our reading of them, and the scrubbing of what clients may see."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.dispatch import MOVE_ON, RETRY, STOP, error_event_verdict, status_verdict
+from gateway.upstream import retry_after_s
+from gateway.upstream_errors import MAX_REASON_CHARS, read_upstream_error, scrub
+from harness import GatewayProcess, StandIn, local_client, start_gateway
+
+CLIENT_KEY = "sk-test-client"
+UPSTREAM_KEY = "sk-test-upstream"
+RUN = uuid.uuid4().hex[:6]
+
+
+def raw(payload: Any) -> bytes:
+    return json.dumps(payload).encode()
+
+
+# ------------------------------------------------------------------ dialects
+
+
+def test_openai_error_with_string_code() -> None:
+    """OpenAI's nested error: message, type, param and string code are read; its context code is recognised."""
+    info = read_upstream_error(raw({"error": {"message": "too long", "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}), 400)
+    assert (info.reason, info.code, info.type, info.param, info.is_context_length) == ("too long", "context_length_exceeded", "invalid_request_error", "messages", True)
+
+
+def test_openrouter_error_with_numeric_code_and_provider_raw() -> None:
+    """OpenRouter's numeric code is kept as a number; the provider's raw error joins the reason and is searched for context refusals."""
+    body = {"error": {"code": 400, "message": "Provider returned error", "metadata": {"raw": "prompt is too long: 300000 tokens > 200000 maximum", "provider_name": "Anthropic"}}}
+    info = read_upstream_error(raw(body), 400)
+    assert info.numeric_code == 400 and info.code == "400"
+    assert info.reason.startswith("Provider returned error: prompt is too long")
+    assert info.is_context_length
+
+
+def test_vllm_flat_error() -> None:
+    """vLLM's flat `{"object": "error"}` is read, and its context wording recognised."""
+    body = {"object": "error", "message": "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens.", "type": "BadRequestError", "param": None, "code": 400}
+    info = read_upstream_error(raw(body), 400)
+    assert info.type == "BadRequestError" and info.numeric_code == 400 and info.is_context_length
+
+
+def test_llamacpp_context_refusal_sent_as_500() -> None:
+    """llama.cpp's `exceed_context_size_error`, even with status 500, is a context refusal."""
+    body = {"error": {"code": 500, "message": "the request exceeds the available context size, try increasing it", "type": "exceed_context_size_error", "n_prompt_tokens": 9000, "n_ctx": 8192}}
+    assert read_upstream_error(raw(body), 500).is_context_length
+    assert status_verdict(500, {}, raw(body)).action == MOVE_ON
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"upstream exploded", "upstream exploded"),
+        (b"", "no reason given"),
+        (raw({"detail": "Not Found"}), "Not Found"),
+        (raw({"detail": [{"loc": ["body", "messages"], "msg": "field required"}]}), "field required"),
+        (raw({"error": "rate limited"}), "rate limited"),
+        (raw(["not", "an", "object"]), '["not", "an", "object"]'),
+    ],
+    ids=["text", "empty", "fastapi-detail", "fastapi-list", "bare-error-string", "array"],
+)
+def test_other_shapes_give_a_reason(body: bytes, reason: str) -> None:
+    """Plain text, FastAPI details and bare error strings all yield a readable reason."""
+    assert read_upstream_error(body, 500).reason == reason
+
+
+def test_rate_limit_speaking_of_tokens_is_not_a_context_refusal() -> None:
+    """A 429 'too many tokens per minute' is a rate limit to retry, not a context refusal to move on from."""
+    body = raw({"error": {"message": "Rate limit reached: too many tokens per minute", "code": "rate_limit_exceeded"}})
+    assert not read_upstream_error(body, 429).is_context_length
+    assert status_verdict(429, {"retry-after": "2"}, body).action == RETRY
+    assert status_verdict(429, {"retry-after": "2"}, body).retry_after_s == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "action"),
+    [
+        (400, {"error": {"message": "temperature out of range", "code": "invalid_value"}}, STOP),
+        (400, {"error": {"message": "filtered", "code": "content_filter"}}, STOP),
+        (403, {"error": {"message": "Your input was flagged for moderation", "code": 403}}, STOP),
+        (403, {"error": {"message": "country not supported", "code": "unsupported_country"}}, MOVE_ON),
+        (401, {"error": {"message": "invalid key"}}, MOVE_ON),
+        (402, {"error": {"message": "insufficient credits", "code": 402}}, MOVE_ON),
+        (404, {"error": {"message": "no such model"}}, MOVE_ON),
+        (413, {"error": {"message": "payload too large"}}, STOP),
+        (408, {"error": {"message": "timeout"}}, RETRY),
+        (409, {"error": {"message": "conflict"}}, RETRY),
+        (500, {"error": {"message": "boom"}}, RETRY),
+        (503, {"object": "error", "message": "loading model", "code": 503}, RETRY),
+        (400, {"error": {"message": "Please reduce the length of the messages."}}, MOVE_ON),
+    ],
+)
+def test_status_and_reason_decide_retry_move_on_or_stop(status: int, body: dict[str, Any], action: str) -> None:
+    """Each upstream status (and what the body says) maps to retry, move on or stop as SPEC §6 says."""
+    verdict = status_verdict(status, {}, raw(body))
+    assert verdict.action == action
+    if action == STOP:
+        assert verdict.error is not None and verdict.error.status == status and verdict.error.code == "upstream_rejected"
+
+
+def test_error_event_is_judged_by_the_status_it_names() -> None:
+    """An `{"error": ...}` stream event with a numeric code is judged as that status; without one, as a 502."""
+    assert error_event_verdict(raw({"error": {"message": "bad param", "code": 400}})).action == STOP
+    unnamed = error_event_verdict(raw({"error": {"message": "upstream overloaded"}}))
+    assert (unnamed.action, unnamed.outcome) == (RETRY, "error_event 502")
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "3"}, 3.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"retry-after": "-1"}, None),
+        ({"retry-after": "soon"}, None),
+        ({}, None),
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),
+    ],
+)
+def test_retry_after_forms(headers: dict[str, str], expected: float | None) -> None:
+    """Retry-After in seconds, OpenAI's retry-after-ms, and HTTP dates (a past date means now)."""
+    assert retry_after_s(headers) == expected
+
+
+def test_retry_after_http_date_in_the_future() -> None:
+    """An HTTP-date Retry-After gives the seconds until then."""
+    assert retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:30 GMT"}, now=1445412480.0) == 30.0
+
+
+# ------------------------------------------------------------------ scrubbing
+
+
+def test_scrub_removes_keys_urls_hosts_and_tokens() -> None:
+    """Known secrets, bearer tokens, sk- keys, key= parameters and URL credentials are all removed."""
+    text = (
+        "Incorrect API key provided: sk-live-abcdef123456. Authorization: Bearer tok_987654 "
+        "at https://user:pa55@api.internal:8443/v1 (host api.internal:8443) ?api_key=zzz999"
+    )
+    clean = scrub(text, ["https://user:pa55@api.internal:8443/v1", "api.internal:8443"])
+    for secret in ("sk-live-abcdef123456", "tok_987654", "pa55", "api.internal", "zzz999"):
+        assert secret not in clean
+    assert "Incorrect API key provided" in clean
+
+
+@given(prefix=st.text(max_size=40), suffix=st.text(max_size=40), secret=st.text(st.characters(blacklist_characters="[]"), min_size=8, max_size=30))
+def test_scrub_never_leaves_a_given_secret(prefix: str, suffix: str, secret: str) -> None:
+    """Whatever surrounds it, a given secret never survives scrubbing."""
+    assert secret not in scrub(prefix + secret + suffix, [secret])
+
+
+@given(st.binary(max_size=2000))
+def test_any_bytes_give_a_short_reason(body: bytes) -> None:
+    """Any upstream body, however broken, reads into a reason of bounded length, never an exception."""
+    info = read_upstream_error(body, 500)
+    assert 0 < len(info.reason) <= MAX_REASON_CHARS
+
+
+# ------------------------------------------------------------------ through the gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    directory = tmp_path_factory.mktemp("upstream-errors")
+    config = directory / "models.toml"
+    config.write_text(
+        "[routing]\nbackoff_s = 0.05\ncooldown_failures = 50\n\n"
+        f'[backends.local]\nbase_url = "{standin.base_url}"\napi_key_env = "STANDIN_KEY"\n'
+        "first_byte_timeout_s = 2\nidle_timeout_s = 2\ntimeout_s = 5\n\n"
+        f'[models."errs"]\nbackend = "local"\nmodel = "{RUN}-errors"\n'
+    )
+    env = {"GATEWAY_API_KEYS": CLIENT_KEY, "STANDIN_KEY": UPSTREAM_KEY}
+    with start_gateway(config, env=env, log_dir=directory) as running:
+        yield running
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with local_client(timeout_s=10.0) as http:
+        yield http
+
+
+@pytest.mark.parametrize("dialect", ["openai", "vllm", "llamacpp", "text"])
+@pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
+def test_upstream_refusal_reaches_the_client_in_our_envelope(dialect: str, stream: bool, gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """A 400 about the request, in any dialect, reaches the client as 400 in our envelope with the upstream's reason."""
+    standin.script(f"{RUN}-errors", [{"kind": "status", "status": 400, "format": dialect, "message": f"top_k must be positive ({dialect})"}])
+    response = client.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": "errs", "messages": [{"role": "user", "content": "hi"}], "stream": stream},
+        headers={"authorization": f"Bearer {CLIENT_KEY}"},
+    )
+    assert response.status_code == 400 and response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == "upstream_rejected" and error["type"] == "invalid_request_error"
+    assert f"top_k must be positive ({dialect})" in error["message"]
+    assert set(error) == {"type", "code", "message", "param", "pointer"}
+
+
+@pytest.mark.parametrize("dialect", ["openai", "vllm", "llamacpp", "text"])
+def test_upstream_5xx_in_any_dialect_ends_as_502_with_its_reason(dialect: str, gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """A 5xx in any dialect is retried and then summarised in a 502 upstream_error with the upstream's reason."""
+    standin.script(f"{RUN}-errors", [{"kind": "status", "status": 503, "format": dialect, "message": f"busy ({dialect})"}])
+    response = client.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": "errs", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {CLIENT_KEY}"},
+    )
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "upstream_error" and error["message"].count(f"errs: 503 (busy ({dialect}))") == 2
