@@ -348,8 +348,18 @@ def _check_composite_capabilities(models: Mapping[str, AliasSpec]) -> Iterator[C
                         f"no member of the route has {key} {modality!r} (members: {', '.join(spec.route)})",
                     )
         for flag in ("streaming", "tools", "structured_output", "thinking"):
-            if getattr(spec, flag) is True and all(getattr(models[m], flag) is False for m in spec.route):
+            if getattr(spec, flag) is True and all(_refuses(models, m, flag, frozenset({name})) for m in spec.route):
                 yield ConfigIssue(("models", name, flag), f"declared true, but every member of the route declares {flag} = false")
+
+
+def _refuses(models: Mapping[str, AliasSpec], name: str, flag: str, seen: frozenset[str]) -> bool:
+    """Whether alias ``name`` refuses capability ``flag``: it says false, or it is a composite all of whose members do."""
+    spec = models.get(name)
+    if spec is None or name in seen or getattr(spec, flag) is True:
+        return False
+    if getattr(spec, flag) is False:
+        return True
+    return spec.route is not None and all(_refuses(models, m, flag, seen | {name}) for m in spec.route)
 
 
 # Request fields the gateway itself decides: `params` may not set them and `rename`

@@ -142,8 +142,14 @@ class AliasSpec(Timeouts):
     max_images: int | None = _positive()
     max_image_bytes: int | None = _positive()
 
-    # Declared capabilities: true/false say so; absent means "not declared"
-    # (a target is then assumed capable; a composite derives it from members).
+    # Declared capabilities: false refuses requests that use the feature, true or
+    # absent lets them through (a composite also needs a member that allows it):
+    #   streaming          "stream": true                       → stream_not_supported
+    #   tools              a non-empty `tools` / `functions`    → capability_not_supported
+    #   structured_output  response_format json_object / json_schema
+    #   thinking           reasoning_effort (not "none"), reasoning, thinking,
+    #                      chat_template_kwargs.enable_thinking
+    # Audio and video need no key of their own: they are `input` modalities.
     streaming: bool | None = None
     tools: bool | None = None
     structured_output: bool | None = None
