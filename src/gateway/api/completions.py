@@ -27,6 +27,7 @@ from gateway.api.edge import (
     Headers,
     cancelled_on_disconnect,
     header,
+    declared_length,
     read_body,
     send_bytes,
     send_error,
@@ -76,11 +77,12 @@ class CompletionService:
             if snapshot is None:
                 raise GatewayError("config_not_loaded", "No valid configuration is loaded; `gateway check` says why.")
             identity = self.holder.keys.authenticate(header(scope, b"authorization"))
-            raw = await read_body(receive, snapshot.config.server.max_request_bytes)
+            raw = await read_body(receive, snapshot.config.server.max_request_bytes, declared_length(scope))
             try:
                 body = _decode(raw)
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings raise the latter
                 raise GatewayError("invalid_json", f"The body is not valid JSON: {exc}.") from None
+            del raw  # the decoded body is all that is needed now: a 20 MB image is not held twice
             if translate is not None:
                 body, relocate = translate(body)
             facts = inspect_request(body)
