@@ -39,7 +39,7 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthBoard
 from gateway.logs import configure_logging
-from gateway.memory import pin_mmap_threshold
+from gateway.memory import keep_large_buffers_in_heap
 from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
 from gateway.upstream import UpstreamClient
@@ -116,7 +116,7 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
     """The gateway app for one config file; it loads the file now and serves the last good load."""
     # Before the first load, so that its log lines (and an unset backend key's warning) are seen.
     configure_logging()
-    pin_mmap_threshold()
+    keep_large_buffers_in_heap()
     path = Path(config_path or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
     metrics = Metrics()
     holder = SnapshotHolder(path, metrics)
