@@ -84,11 +84,23 @@ class GatewayApp(Litestar):
 
     Done here rather than as Litestar middleware: Litestar runs middleware only
     for matched routes, and 404 and 405 answers need the header too.
+
+    The completion endpoints are raw ASGI handlers that render every error
+    themselves, so their requests go to them directly (``fast_paths``) instead
+    of through Litestar's router and exception middleware: measured ~5% of the
+    gateway's CPU per small request. They stay registered in Litestar too, for
+    the OpenAPI document.
     """
+
+    fast_paths: dict[str, Any]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             send = _send_with_request_id(scope, send)
+            handler = getattr(self, "fast_paths", {}).get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 
@@ -143,17 +155,18 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
             await admission.aclose()
             await state.client.aclose()
 
-    @asgi("/v1/chat/completions", copy_scope=False)
-    async def chat_completions(scope: Any, receive: Any, send: Any) -> None:
+    async def serve_chat_completions(scope: Any, receive: Any, send: Any) -> None:
         assert state.completions is not None
         await state.completions.handle(scope, receive, send)
 
-    @asgi("/c1/chat", copy_scope=False)
-    async def c1_chat(scope: Any, receive: Any, send: Any) -> None:
+    async def serve_c1_chat(scope: Any, receive: Any, send: Any) -> None:
         assert state.completions is not None
         await state.completions.handle(scope, receive, send, translate=translate_c1)
 
-    return GatewayApp(
+    chat_completions = asgi("/v1/chat/completions", copy_scope=False)(serve_chat_completions)
+    c1_chat = asgi("/c1/chat", copy_scope=False)(serve_c1_chat)
+
+    app = GatewayApp(
         route_handlers=[chat_completions, c1_chat, *INFO_HANDLERS],
         lifespan=[lifespan],
         exception_handlers={Exception: _http_exception},
@@ -163,6 +176,8 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         on_app_init=[lambda cfg: _set_state(cfg, state)],
         on_startup=[lambda app: document_raw_routes(app, [_c1_chat_description()])],
     )
+    app.fast_paths = {"/v1/chat/completions": serve_chat_completions, "/c1/chat": serve_c1_chat}
+    return app
 
 
 def _set_state(app_config: Any, state: GatewayState) -> Any:

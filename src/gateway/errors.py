@@ -81,8 +81,8 @@ CATALOG: Mapping[str, ErrorKind] = _kinds(
         400,
         "modality_not_supported",
         _REQ,
-        "A content part's modality (image, audio, video, file) is not in the alias's `input`.",
-        "Pick an alias whose `input` lists that modality (see `GET /v1/models`).",
+        "A content part's modality (image, audio, video, file) is not in the alias's `input`, or the request asks for an output modality not in its `output`.",
+        "Pick an alias whose `input` (or `output`) lists that modality (see `GET /v1/models`).",
     ),
     (
         400,
