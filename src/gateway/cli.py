@@ -58,6 +58,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one (workers inherit it).
+
+    Each stream holds two sockets (client and upstream): 2,000 concurrent
+    streams need ~4,000 descriptors, over the 1,024 many systems default to.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit: the gateway still runs, with fewer streams
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     path = _config_path(args.config).absolute()
     if _load_or_report(path, "not serving.") is None:
@@ -68,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Workers are separate processes: they find the config through the environment.
     os.environ["GATEWAY_CONFIG"] = str(path)
+    raise_open_files_limit()
     try:
         import uvloop  # noqa: F401
 
