@@ -18,7 +18,7 @@ TESTS_DIR = str(Path(__file__).resolve().parent)
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
-from harness import GatewayProcess, StandIn, start_gateway, start_standin  # noqa: E402
+from harness import GatewayProcess, StandIn, start_gateway, start_standin
 
 # A fast profile for CI, a thorough one for local runs: HYPOTHESIS_PROFILE=thorough.
 settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

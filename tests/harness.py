@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -342,3 +343,35 @@ def start_gateway(
             raise
     assert last_error is not None
     raise last_error
+
+
+# --- test images -------------------------------------------------------------------------------
+
+
+def _jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
+
+
+def tiny_jpeg() -> bytes:
+    """A valid 8x8 mid-grey baseline JPEG (decodable by any JPEG reader).
+
+    One greyscale component and one block whose coefficients are all zero: each
+    Huffman table holds a single one-bit code for symbol 0, so the scan is "0"
+    (DC difference 0) then "0" (end of block), padded with one bits.
+    """
+    jfif = b"JFIF\x00" + bytes([1, 1, 0]) + struct.pack(">HH", 72, 72) + bytes([0, 0])
+    quantisation = bytes([0]) + bytes([1] * 64)
+    frame = bytes([8]) + struct.pack(">HH", 8, 8) + bytes([1, 1, 0x11, 0])
+    one_code = bytes([1] + [0] * 15) + bytes([0])
+    scan = bytes([1, 1, 0x00, 0, 63, 0])
+    return (
+        b"\xff\xd8"
+        + _jpeg_segment(0xE0, jfif)
+        + _jpeg_segment(0xDB, quantisation)
+        + _jpeg_segment(0xC0, frame)
+        + _jpeg_segment(0xC4, bytes([0x00]) + one_code)
+        + _jpeg_segment(0xC4, bytes([0x10]) + one_code)
+        + _jpeg_segment(0xDA, scan)
+        + b"\x3f"
+        + b"\xff\xd9"
+    )

@@ -14,7 +14,6 @@ import base64
 import copy
 import json
 import os
-import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,32 +30,9 @@ from gateway.c1 import C1_FIELDS, C1ChatRequest, rebuild_chat_body, translate_c1
 from gateway.errors import GatewayError, Location, render_param, render_pointer
 from gateway.facts import inspect_request
 from gateway.rules import AliasRules
-from harness import GatewayProcess, StandIn, local_client, start_gateway
+from harness import GatewayProcess, StandIn, local_client, start_gateway, tiny_jpeg
 
 # --- a tiny valid JPEG and helpers --------------------------------------------------------------
-
-
-def _segment(marker: int, payload: bytes) -> bytes:
-    return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
-
-
-def tiny_jpeg() -> bytes:
-    """A valid 8x8 grey baseline JPEG: one block whose coefficients are all zero."""
-    jfif = b"JFIF\x00" + bytes([1, 1, 0]) + struct.pack(">HH", 1, 1) + bytes([0, 0])
-    quant = bytes([0]) + bytes([1] * 64)
-    frame = bytes([8]) + struct.pack(">HH", 8, 8) + bytes([1, 1, 0x11, 0])
-    one_code_table = bytes([1] + [0] * 15) + bytes([0])  # one 1-bit code for symbol 0
-    scan = bytes([1, 1, 0x00, 0, 63, 0])
-    return (
-        b"\xff\xd8"
-        + _segment(0xE0, jfif)
-        + _segment(0xDB, quant)
-        + _segment(0xC0, frame)
-        + _segment(0xC4, bytes([0x00]) + one_code_table)
-        + _segment(0xC4, bytes([0x10]) + one_code_table)
-        + _segment(0xDA, scan)
-        + b"\x3f\xff\xd9"
-    )
 
 
 JPEG = tiny_jpeg()

@@ -145,7 +145,7 @@ def test_size_exactly_at_limit_accepted() -> None:
 # --- rule 1: type -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "name"), [(None, "null"), (3, "number"), ({}, "object"), ([], "array"), (True, "boolean")])
+@pytest.mark.parametrize(("value", "name"), [(None, "null"), (3, "integer"), ({}, "object"), ([], "array"), (True, "boolean")])
 def test_non_string_is_invalid_request(value: object, name: str) -> None:
     """A non-string url is invalid_request naming the JSON type it got."""
     assert_refused(value, "invalid_request", 400, "image_url.url must be a string", name)

@@ -23,12 +23,12 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from conftest import CLIENT_KEY, GatewayFactory, backend_toml
-from harness import GatewayProcess, StandIn, free_port, gateway_env, local_client
 
-from gateway.keys import hash_key
+from conftest import CLIENT_KEY, GatewayFactory, backend_toml
 from gateway import watch
+from gateway.keys import hash_key
 from gateway.watch import ConfigWatcher
+from harness import GatewayProcess, StandIn, free_port, gateway_env, local_client
 
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
 POLL_S = 0.02

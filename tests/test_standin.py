@@ -287,9 +287,8 @@ def assert_cancel_seen_within_a_second(standin: StandIn, model: str, client_left
 
 def test_hang_records_cancellation(standin: StandIn, model: str) -> None:
     """hang never answers; when the client gives up the stand-in records a cancellation."""
-    with local_client(timeout_s=0.3) as short_client:
-        with pytest.raises(httpx.ReadTimeout):
-            post_chat(short_client, standin, chat_body(model, standin_step={"kind": "hang"}))
+    with local_client(timeout_s=0.3) as short_client, pytest.raises(httpx.ReadTimeout):
+        post_chat(short_client, standin, chat_body(model, standin_step={"kind": "hang"}))
     client_left_at = time.time()
     entry = assert_cancel_seen_within_a_second(standin, model, client_left_at)
     assert entry["chunks_sent"] == 0
@@ -299,9 +298,8 @@ def test_hang_records_cancellation(standin: StandIn, model: str) -> None:
 def test_delay_step(standin: StandIn, client: httpx.Client, model: str) -> None:
     """delay waits first_byte_ms before an ok reply; a client leaving early is recorded."""
     step = {"kind": "delay", "first_byte_ms": 400}
-    with local_client(timeout_s=0.1) as short_client:
-        with pytest.raises(httpx.ReadTimeout):
-            post_chat(short_client, standin, chat_body(model, standin_step=step))
+    with local_client(timeout_s=0.1) as short_client, pytest.raises(httpx.ReadTimeout):
+        post_chat(short_client, standin, chat_body(model, standin_step=step))
     assert_cancel_seen_within_a_second(standin, model, time.time())
     started = time.monotonic()
     response = post_chat(client, standin, chat_body(model, standin_step=step))
@@ -348,12 +346,11 @@ def test_stream_stall(standin: StandIn, model: str) -> None:
     """stream_stall sends k content chunks then goes silent; the client leaving is recorded with chunks_sent."""
     body = chat_body(model, stream=True, standin_step={"kind": "stream_stall", "after_chunks": 2, "stall_s": 30})
     payloads: list[str] = []
-    with local_client(timeout_s=0.4) as short_client:
-        with pytest.raises(httpx.ReadTimeout):
-            with short_client.stream("POST", f"{standin.base_url}/chat/completions", json=body) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        payloads.append(line[len("data: "):])
+    with local_client(timeout_s=0.4) as short_client, pytest.raises(httpx.ReadTimeout):
+        with short_client.stream("POST", f"{standin.base_url}/chat/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    payloads.append(line[len("data: "):])
     entry = assert_cancel_seen_within_a_second(standin, model, time.time())
     assert len(payloads) == 3
     assert entry["chunks_sent"] == 3

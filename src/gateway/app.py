@@ -139,9 +139,9 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # The client's connection pool belongs to the serving event loop: make it here.
         state.client = UpstreamClient(transport)
-        routing = lambda: (holder.current.config.routing if holder.current else None)  # noqa: E731
+        routing = lambda: (holder.current.config.routing if holder.current else None)
         # Limits read the serving config on every request, so they follow reloads.
-        config = lambda: (holder.current.config if holder.current else None)  # noqa: E731
+        config = lambda: (holder.current.config if holder.current else None)
         admission = RateAdmission(config)
         dispatcher = Dispatcher(state.client, state.health, routing, slots=BackendGates(config))
         state.completions = CompletionService(holder, dispatcher, metrics, admission=admission)

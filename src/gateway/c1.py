@@ -37,7 +37,7 @@ from typing import Annotated, Any
 import attrs
 import msgspec
 
-from gateway.errors import GatewayError, Location
+from gateway.errors import GatewayError, Location, json_type_name
 
 # The fields the rebuild consumes; everything else passes through to the chat body.
 C1_FIELDS = frozenset({"message", "images", "system", "messages"})
@@ -114,18 +114,6 @@ class Rebuilt:
     layout: C1Layout
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
-
-
 def _invalid(at: Location, message: str) -> GatewayError:
     return GatewayError("invalid_request", message, at=at)
 
@@ -136,7 +124,7 @@ def _image_part(i: int, image: Any) -> dict[str, Any]:
     if type(image) is not dict:
         raise _invalid(
             ("images", i),
-            f'each image must be {{"url": "{_DATA_URI_EXAMPLE}"}} or that data URI string, got {_type_name(image)}',
+            f'each image must be {{"url": "{_DATA_URI_EXAMPLE}"}} or that data URI string, got {json_type_name(image)}',
         )
     if "url" not in image:
         raise _invalid(("images", i), f'an image needs `url`: a base64 data URI such as "{_DATA_URI_EXAMPLE}"')
@@ -149,7 +137,7 @@ def _images(body: Mapping[str, Any]) -> Sequence[Any]:
         return ()
     if type(images) is not list:
         raise _invalid(
-            ("images",), f'`images` must be an array of {{"url": "{_DATA_URI_EXAMPLE}"}}, got {_type_name(images)}'
+            ("images",), f'`images` must be an array of {{"url": "{_DATA_URI_EXAMPLE}"}}, got {json_type_name(images)}'
         )
     return images
 
@@ -160,7 +148,7 @@ def _message(body: Mapping[str, Any]) -> str | list[Any]:
         raise _invalid(("message",), "`message` is required: the prompt as a string, or an array of content parts")
     if type(message) is not str and type(message) is not list:
         raise _invalid(
-            ("message",), f"`message` must be a string or an array of content parts, got {_type_name(message)}"
+            ("message",), f"`message` must be a string or an array of content parts, got {json_type_name(message)}"
         )
     return message
 
@@ -179,7 +167,7 @@ def _user_content(message: str | list[Any], image_parts: list[dict[str, Any]]) -
 def rebuild_chat_body(body: Any) -> Rebuilt:
     """Rebuild a decoded c1 body as a Chat Completions body, or raise ``GatewayError`` located in the c1 body."""
     if type(body) is not dict:
-        raise _invalid((), f"the body must be a JSON object, got {_type_name(body)}")
+        raise _invalid((), f"the body must be a JSON object, got {json_type_name(body)}")
     message = _message(body)
     images = _images(body)
     image_parts = [_image_part(i, image) for i, image in enumerate(images)]
@@ -187,13 +175,13 @@ def rebuild_chat_body(body: Any) -> Rebuilt:
 
     system = body.get("system")
     if system is not None and type(system) not in (str, list):
-        raise _invalid(("system",), f"`system` must be a string or an array of text parts, got {_type_name(system)}")
+        raise _invalid(("system",), f"`system` must be a string or an array of text parts, got {json_type_name(system)}")
     history = body.get("messages")
     if history is None:
         history = []
     elif type(history) is not list:
         raise _invalid(
-            ("messages",), f"`messages` (the prior turns) must be an array of messages, got {_type_name(history)}"
+            ("messages",), f"`messages` (the prior turns) must be an array of messages, got {json_type_name(history)}"
         )
 
     messages: list[Any] = [{"role": "system", "content": system}] if system is not None else []

@@ -224,6 +224,23 @@ def render_pointer(at: Location | None) -> str | None:
     return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in at)
 
 
+def json_type_name(value: Any) -> str:
+    """How a JSON value's type reads in a message: ``a string``, ``null``, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
 class GatewayError(Exception):
     """An error the client sees: a catalog code, a message, and where it points.
 

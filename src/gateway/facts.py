@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import attrs
 
-from gateway.errors import GatewayError, Location
+from gateway.errors import GatewayError, Location, json_type_name
 from gateway.images import inspect_image_url
 
 ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -160,23 +160,6 @@ def _field_at(container: Mapping[str, Any], at: Location, field: str) -> Locatio
 
 def _got(container: Mapping[str, Any], field: str) -> str:
     return f"got {json_type_name(container[field])}" if field in container else "it is missing"
-
-
-def json_type_name(value: Any) -> str:
-    """How a JSON value's type reads in a message: ``a string``, ``null``, ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
 
 
 def _is(value: Any, kind: str) -> bool:

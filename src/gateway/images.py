@@ -27,7 +27,7 @@ from typing import Final
 
 import attrs
 
-from gateway.errors import GatewayError, Location
+from gateway.errors import GatewayError, Location, json_type_name
 
 __all__ = [
     "ACCEPTED_IMAGE_TYPES",
@@ -163,7 +163,7 @@ def inspect_image_url(url: object, *, max_image_bytes: int | None, at: Location)
     if not isinstance(url, str):
         raise GatewayError(
             "invalid_request",
-            f"image_url.url must be a string, got {_json_type_name(url)}. "
+            f"image_url.url must be a string, got {json_type_name(url)}. "
             f"Send the image as a base64 data URI string ({_EXAMPLE_URI}).",
             at=at,
         )
@@ -314,20 +314,6 @@ def _bad_alphabet_message(url: str, start: int) -> str:
         f"image_url.url's base64 data contains {char!r} at data offset {offset}, which is not a base64 character "
         "(A-Z, a-z, 0-9, '+', '/', '=' padding). Send the standard base64 of the file (`base64 -w 0 image.jpg`)."
     )
-
-
-def _json_type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    return type(value).__name__
 
 
 def _show(text: str, limit: int = 60) -> str:

@@ -26,8 +26,8 @@ from gateway.api.edge import (
     ClientGone,
     Headers,
     cancelled_on_disconnect,
-    header,
     declared_length,
+    header,
     read_body,
     send_bytes,
     send_error,
@@ -68,7 +68,7 @@ class CompletionService:
         self.admission = admission or AdmitAll()
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any, translate: Translator | None = None) -> None:
-        relocate: Callable[[Location], Location | None] = lambda at: at  # noqa: E731
+        relocate: Callable[[Location], Location | None] = lambda at: at
         alias_name = "-"
         try:
             if scope.get("method") != "POST":
