@@ -18,15 +18,13 @@ TESTS_DIR = str(Path(__file__).resolve().parent)
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
-from harness import GatewayProcess, StandIn, start_gateway, start_standin
+from harness import CLIENT_KEY, UPSTREAM_KEY, GatewayProcess, StandIn, start_gateway, start_standin
 
 # A fast profile for CI, a thorough one for local runs: HYPOTHESIS_PROFILE=thorough.
 settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-CLIENT_KEY = "sk-test-client"
-UPSTREAM_KEY = "sk-test-upstream"
 
 
 @pytest.fixture(scope="session")

@@ -11,16 +11,17 @@ down reliably, including worker processes, with every wait bounded.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,6 +30,10 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STANDIN_SCRIPT = REPO_ROOT / "scripts" / "standin_upstream.py"
+
+# The client key the test gateways accept, and the key their backend sends upstream.
+CLIENT_KEY = "sk-test-client"
+UPSTREAM_KEY = "sk-test-upstream"
 SRC_DIR = REPO_ROOT / "src"
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 5.0
@@ -348,30 +353,23 @@ def start_gateway(
 # --- test images -------------------------------------------------------------------------------
 
 
-def _jpeg_segment(marker: int, payload: bytes) -> bytes:
-    return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
-
-
 def tiny_jpeg() -> bytes:
-    """A valid 8x8 mid-grey baseline JPEG (decodable by any JPEG reader).
+    """The stand-in's valid 8x8 grey JPEG: one builder for the upstream's images and the tests' photos."""
+    spec = importlib.util.spec_from_file_location("standin_upstream", STANDIN_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules.get(spec.name)
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its classes look their module up while being defined
+        spec.loader.exec_module(module)
+    return module.make_tiny_jpeg()  # type: ignore[no-any-return]
 
-    One greyscale component and one block whose coefficients are all zero: each
-    Huffman table holds a single one-bit code for symbol 0, so the scan is "0"
-    (DC difference 0) then "0" (end of block), padded with one bits.
-    """
-    jfif = b"JFIF\x00" + bytes([1, 1, 0]) + struct.pack(">HH", 72, 72) + bytes([0, 0])
-    quantisation = bytes([0]) + bytes([1] * 64)
-    frame = bytes([8]) + struct.pack(">HH", 8, 8) + bytes([1, 1, 0x11, 0])
-    one_code = bytes([1] + [0] * 15) + bytes([0])
-    scan = bytes([1, 1, 0x00, 0, 63, 0])
-    return (
-        b"\xff\xd8"
-        + _jpeg_segment(0xE0, jfif)
-        + _jpeg_segment(0xDB, quantisation)
-        + _jpeg_segment(0xC0, frame)
-        + _jpeg_segment(0xC4, bytes([0x00]) + one_code)
-        + _jpeg_segment(0xC4, bytes([0x10]) + one_code)
-        + _jpeg_segment(0xDA, scan)
-        + b"\x3f"
-        + b"\xff\xd9"
-    )
+
+@contextlib.contextmanager
+def serving(config_text: str, directory: Path, *, env: Mapping[str, str] | None = None) -> Iterator[GatewayProcess]:
+    """Write ``config_text`` as models.toml in ``directory`` and serve it with the test keys."""
+    config = Path(directory) / "models.toml"
+    config.write_text(config_text)
+    full_env = {"GATEWAY_API_KEYS": CLIENT_KEY, "STANDIN_KEY": UPSTREAM_KEY, **(env or {})}
+    with start_gateway(config, env=full_env, log_dir=directory) as running:
+        yield running

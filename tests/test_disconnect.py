@@ -19,10 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from harness import GatewayProcess, StandIn, local_client, start_gateway
+from harness import CLIENT_KEY, GatewayProcess, StandIn, local_client, serving
 
-CLIENT_KEY = "sk-test-client"
-UPSTREAM_KEY = "sk-test-upstream"
 RUN = uuid.uuid4().hex[:6]
 CANCEL_WITHIN_S = 1.0
 ALIASES = ("hang", "role-then-silence", "slow-stream", "backoff-nonstream", "backoff-stream", "image-hold")
@@ -45,10 +43,7 @@ def gateway(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Itera
         if alias == "image-hold":
             lines += ['output = ["image", "text"]', 'params = { modalities = ["image", "text"] }']
         lines.append("")
-    config = directory / "models.toml"
-    config.write_text("\n".join(lines))
-    env = {"GATEWAY_API_KEYS": CLIENT_KEY, "STANDIN_KEY": UPSTREAM_KEY}
-    with start_gateway(config, env=env, log_dir=directory) as running:
+    with serving("\n".join(lines), directory) as running:
         yield running
 
 

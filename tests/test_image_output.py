@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.shaping import client_body, fix_image_uri, fix_images
-from harness import STANDIN_SCRIPT, GatewayProcess, StandIn, local_client, start_gateway
+from harness import CLIENT_KEY, STANDIN_SCRIPT, GatewayProcess, StandIn, local_client, serving
 
 
 def _standin_module() -> Any:
@@ -31,8 +31,6 @@ _STANDIN = _standin_module()
 TINY_PNG: bytes = _STANDIN.TINY_PNG
 TINY_JPEG: bytes = _STANDIN.TINY_JPEG
 
-CLIENT_KEY = "sk-test-client"
-UPSTREAM_KEY = "sk-test-upstream"
 RUN = uuid.uuid4().hex[:6]
 PNG_B64 = base64.b64encode(TINY_PNG).decode()
 JPEG_B64 = base64.b64encode(TINY_JPEG).decode()
@@ -57,10 +55,7 @@ def gateway(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Itera
             'input = ["text", "image"]', 'output = ["image", "text"]', IMAGE_PARAMS, "",
         ]
     lines += ['[models."image-gen"]', 'route = ["nano", "big"]', ""]
-    config = directory / "models.toml"
-    config.write_text("\n".join(lines))
-    env = {"GATEWAY_API_KEYS": CLIENT_KEY, "STANDIN_KEY": UPSTREAM_KEY}
-    with start_gateway(config, env=env, log_dir=directory) as running:
+    with serving("\n".join(lines), directory) as running:
         yield running
 
 

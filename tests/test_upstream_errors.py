@@ -15,10 +15,8 @@ from hypothesis import strategies as st
 from gateway.dispatch import MOVE_ON, RETRY, STOP, error_event_verdict, status_verdict
 from gateway.upstream import retry_after_s
 from gateway.upstream_errors import MAX_REASON_CHARS, read_upstream_error, scrub
-from harness import GatewayProcess, StandIn, local_client, start_gateway
+from harness import CLIENT_KEY, GatewayProcess, StandIn, local_client, serving
 
-CLIENT_KEY = "sk-test-client"
-UPSTREAM_KEY = "sk-test-upstream"
 RUN = uuid.uuid4().hex[:6]
 
 
@@ -172,15 +170,13 @@ def test_any_bytes_give_a_short_reason(body: bytes) -> None:
 @pytest.fixture(scope="module")
 def gateway(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     directory = tmp_path_factory.mktemp("upstream-errors")
-    config = directory / "models.toml"
-    config.write_text(
+    config_text = (
         "[routing]\nbackoff_s = 0.05\ncooldown_failures = 50\n\n"
         f'[backends.local]\nbase_url = "{standin.base_url}"\napi_key_env = "STANDIN_KEY"\n'
         "first_byte_timeout_s = 2\nidle_timeout_s = 2\ntimeout_s = 5\n\n"
         f'[models."errs"]\nbackend = "local"\nmodel = "{RUN}-errors"\n'
     )
-    env = {"GATEWAY_API_KEYS": CLIENT_KEY, "STANDIN_KEY": UPSTREAM_KEY}
-    with start_gateway(config, env=env, log_dir=directory) as running:
+    with serving(config_text, directory) as running:
         yield running
 
 
