@@ -286,6 +286,7 @@ def test_model_object_of_unknown_alias(client: httpx.Client, gateway: GatewayPro
 
 def test_healthz_and_readyz_need_no_key(client: httpx.Client, gateway: GatewayProcess) -> None:
     """/healthz and /readyz answer 200 without a key; readyz says ready with the config's hash."""
+    assert client.head(f"{gateway.url}/healthz").status_code == 200
     health = client.get(f"{gateway.url}/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     ready = client.get(f"{gateway.url}/readyz")

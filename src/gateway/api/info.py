@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from litestar import Request, Response, get
+from litestar import Request, Response, get, route
 from litestar.datastructures import State
 
 from gateway.errors import GatewayError, catalog_rows
@@ -73,8 +73,9 @@ def get_model(request: Request[Any, Any, State], state: State, alias: str) -> di
     return model_entry(compiled, int(snapshot.loaded_at))
 
 
-@get("/healthz", sync_to_thread=False)
+@route("/healthz", http_method=["GET", "HEAD"], sync_to_thread=False)
 def healthz() -> dict[str, str]:
+    # HEAD too: load balancers and `curl -I` probe liveness that way (the server drops the body).
     return {"status": "ok"}
 
 
