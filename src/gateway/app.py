@@ -132,7 +132,8 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
     path = Path(config_path or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
     metrics = Metrics()
     holder = SnapshotHolder(path, metrics)
-    holder.load()
+    if not holder.load():
+        holder.load_last_good()
     state = GatewayState(holder=holder, metrics=metrics, health=HealthBoard())
 
     @asynccontextmanager

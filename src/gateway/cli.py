@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.keys import build_keyring, keys_file_path
 from gateway.keys_cli import add_keys_parser
+from gateway.reload import LAST_GOOD_ENV
 
 
 def _config_path(value: str | None) -> Path:
@@ -85,6 +88,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Workers are separate processes: they find the config through the environment.
     os.environ["GATEWAY_CONFIG"] = str(path)
+    # Where workers keep the last configuration that loaded, for a worker respawned
+    # while models.toml is broken; private to this run, removed when it ends.
+    last_good = tempfile.mkdtemp(prefix="gateway-last-good-")
+    os.environ[LAST_GOOD_ENV] = last_good
     raise_open_files_limit()
     try:
         import uvloop  # noqa: F401
@@ -102,8 +109,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop=loop,
         log_access=False,
         backlog=2048,
+        # A worker that dies (killed for memory, a crashing extension) is started again
+        # instead of taking the gateway down; it serves the last good configuration.
+        respawn_failed_workers=True,
+        respawn_interval=1.0,
     )
-    server.serve()
+    try:
+        server.serve()
+    finally:
+        shutil.rmtree(last_good, ignore_errors=True)
     return 0
 
 

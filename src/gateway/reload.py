@@ -13,6 +13,10 @@ How a load goes:
    half written) changes nothing but ``last_error``: the last good configuration
    serves on, and the error is logged once, not on every event that repeats it.
 5. A good load clears ``last_error`` and logs what changed (``gateway.changes``).
+6. Under ``gateway serve`` every good load is also copied to a private folder
+   (``GATEWAY_LAST_GOOD_DIR``). A worker that starts while the file on disk is
+   broken (granian respawns a worker that died) serves that copy, and shows the
+   file's error, instead of serving nothing.
 
 ``gateway.watch`` decides *when* to reload; this module decides *what* serves.
 """
@@ -40,6 +44,8 @@ log = logging.getLogger("gateway.reload")
 
 # The hash a keys file that cannot be read gets: its appearance later is a change.
 UNREADABLE = "unreadable"
+LAST_GOOD_ENV = "GATEWAY_LAST_GOOD_DIR"
+LAST_GOOD_NAME = "models.toml"
 
 
 @attrs.frozen
@@ -64,6 +70,9 @@ class Prepared:
     # creating that file must wake the watcher.
     keys_path_seen: Path | None = None
     forced: bool = False
+    # The bytes that were loaded, for the last-good copy.
+    models_bytes: bytes | None = None
+    keys_bytes: bytes | None = None
 
 
 def _sha256(data: bytes) -> str:
@@ -77,6 +86,23 @@ def _hash_file(path: Path | None) -> str | None:
         return _sha256(path.read_bytes())
     except OSError:
         return UNREADABLE
+
+
+def _read_if_present(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # Several workers write the same bytes: a rename makes each write whole.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
 def _unreadable(path: Path, exc: OSError) -> str:
@@ -98,6 +124,8 @@ class SnapshotHolder:
         self.last_error_at: float | None = None
         self._keys_path_seen: Path | None = None
         self._lock = asyncio.Lock()
+        last_good = self.environ.get(LAST_GOOD_ENV)
+        self.last_good_dir = Path(last_good) if last_good else None
 
     # ------------------------------------------------------------ what serves
 
@@ -132,12 +160,16 @@ class SnapshotHolder:
             prepared = await asyncio.to_thread(self.prepare, force=force)
             return self.apply(prepared, reason=reason)
 
-    def prepare(self, *, force: bool = False) -> Prepared:
-        """Read, parse and compile the files; touches nothing that serves (safe on any thread)."""
+    def prepare(self, *, force: bool = False, path: Path | None = None) -> Prepared:
+        """Read, parse and compile the files; touches nothing that serves (safe on any thread).
+
+        ``path`` reads another copy of models.toml (the last-good one) in place of ``self.path``.
+        """
+        path = path or self.path
         try:
-            data = self.path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            return Prepared(error=_unreadable(self.path, exc), forced=force)
+            return Prepared(error=_unreadable(path, exc), forced=force)
         content_hash = _sha256(data)
         serving = self.serving
         if (
@@ -149,18 +181,33 @@ class SnapshotHolder:
             return Prepared(unchanged=True, keys_path_seen=serving.keys_path)
         keys_path: Path | None = None
         try:
-            config = parse_config(data, str(self.path))
-            keys_path = keys_file_path(config, self.path)
+            config = parse_config(data, str(path))
+            keys_path = keys_file_path(config, path)
+            keys_bytes = _read_if_present(keys_path)
             keys_hash = _hash_file(keys_path)
-            keys = build_keyring(config, self.path, self.environ)
-            snapshot = build_snapshot(config, source=str(self.path), content_hash=content_hash, environ=self.environ)
+            keys = build_keyring(config, path, self.environ)
+            snapshot = build_snapshot(config, source=str(path), content_hash=content_hash, environ=self.environ)
         except ConfigError as exc:
             return Prepared(error=exc.render(), keys_path_seen=keys_path, forced=force)
         except Exception as exc:  # a fault of ours must not take the serving config down with it
-            log.exception("unexpected fault while loading %s", self.path)
-            error = f"{self.path}: unexpected fault while loading: {type(exc).__name__}: {exc}"
+            log.exception("unexpected fault while loading %s", path)
+            error = f"{path}: unexpected fault while loading: {type(exc).__name__}: {exc}"
             return Prepared(error=error, keys_path_seen=keys_path, forced=force)
-        return Prepared(Serving(snapshot, keys, keys_path, keys_hash), keys_path_seen=keys_path, forced=force)
+        serving = Serving(snapshot, keys, keys_path, keys_hash)
+        return Prepared(serving, keys_path_seen=keys_path, forced=force, models_bytes=data, keys_bytes=keys_bytes)
+
+    def load_last_good(self) -> bool:
+        """Serve the last configuration a worker of this gateway loaded; the file's error stays shown."""
+        if self.last_good_dir is None or self.serving is not None:
+            return False
+        stored = self.last_good_dir / LAST_GOOD_NAME
+        if not stored.is_file():
+            return False
+        error, error_at = self.last_error, self.last_error_at
+        loaded = self.apply(self.prepare(force=True, path=stored), reason="the last good copy, as models.toml is broken")
+        if loaded:
+            self.last_error, self.last_error_at = error, error_at
+        return loaded
 
     def apply(self, prepared: Prepared, *, reason: str = "file changed") -> bool:
         """Swap a prepared configuration in, or record why there is none; True when one was swapped in."""
@@ -182,7 +229,25 @@ class SnapshotHolder:
         self.last_error = self.last_error_at = None
         self.metrics.inc("gateway_config_reloads_total", result="ok")
         self._log_loaded(old, new, reason)
+        self._save_last_good(prepared)
         return True
+
+    def _save_last_good(self, prepared: Prepared) -> None:
+        """Copy what now serves for workers started later (a keys file beside models.toml comes along)."""
+        serving = prepared.serving
+        if self.last_good_dir is None or prepared.models_bytes is None or serving is None:
+            return
+        if serving.snapshot.source != str(self.path):
+            return  # this load came from the copy itself
+        try:
+            _write_atomically(self.last_good_dir / LAST_GOOD_NAME, prepared.models_bytes)
+            if serving.keys_path is not None and prepared.keys_bytes is not None:
+                relative = serving.keys_path.relative_to(self.path.parent)
+                _write_atomically(self.last_good_dir / relative, prepared.keys_bytes)
+        except ValueError:
+            pass  # a keys file elsewhere is read from where it is
+        except OSError as exc:
+            log.warning("[pid %d] could not keep a last-good copy of the configuration: %s", os.getpid(), exc.strerror)
 
     # ------------------------------------------------------------ reporting
 
