@@ -571,3 +571,13 @@ def test_factory_under_granian_without_a_valid_config_is_not_ready(tmp_path: Pat
         completion = client.post(f"{url}/v1/chat/completions", json=chat_body("x"), headers=auth())
         assert_envelope(completion, 503, "config_not_loaded")
         assert_envelope(client.get(f"{url}/v1/models", headers=auth()), 503, "config_not_loaded")
+
+
+def test_openapi_document_describes_chat_completions(client: httpx.Client, gateway: GatewayProcess) -> None:
+    """The served OpenAPI document has POST /v1/chat/completions with its request schema."""
+    document = client.get(f"{gateway.url}/openapi/openapi.json").json()
+    operation = document["paths"]["/v1/chat/completions"]["post"]
+    reference = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = document["components"]["schemas"][reference.rsplit("/", 1)[-1]]
+    assert {"model", "messages", "stream", "max_tokens", "tools", "response_format"} <= set(schema["properties"])
+    assert set(schema["required"]) == {"model", "messages"}

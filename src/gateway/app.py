@@ -33,6 +33,7 @@ from litestar.params import JSONBody
 from gateway.admission import RateAdmission
 from gateway.api.completions import CompletionService
 from gateway.api.info import INFO_HANDLERS
+from gateway.api.openapi_chat import ChatCompletionRequest
 from gateway.c1 import C1ChatRequest, translate_c1
 from gateway.concurrency import BackendGates
 from gateway.dispatch import Dispatcher
@@ -175,7 +176,7 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         logging_config=None,  # ours is set up by configure_logging; Litestar's adds a listener thread
         openapi_config=OpenAPIConfig(title="DGX LLM Chat Gateway", version="0.1.0", path="/openapi"),
         on_app_init=[lambda cfg: _set_state(cfg, state)],
-        on_startup=[lambda app: document_raw_routes(app, [_c1_chat_description()])],
+        on_startup=[lambda app: document_raw_routes(app, [_chat_completions_description(), _c1_chat_description()])],
     )
     app.fast_paths = {"/v1/chat/completions": serve_chat_completions, "/c1/chat": serve_c1_chat}
     return app
@@ -186,6 +187,34 @@ def _set_state(app_config: Any, state: GatewayState) -> Any:
 
     app_config.state = State({"gateway": state})
     return app_config
+
+
+def _chat_completions_description() -> HTTPRouteHandler:
+    """``POST /v1/chat/completions`` for the OpenAPI document; never served (the raw ASGI handler is)."""
+
+    @post(
+        "/v1/chat/completions",
+        status_code=200,
+        tags=["chat"],
+        summary="OpenAI Chat Completions, for any alias",
+        description=(
+            "The request is checked against the alias's rules generated from models.toml, then routed "
+            "through its targets, fallbacks or composite route. `model` in the answer is the alias that "
+            "served; `x-gateway-served-by` and `x-gateway-attempts` say which and how many calls it took."
+        ),
+        response_description="The chat completion, or with `\"stream\": true` an SSE stream ending in `data: [DONE]`.",
+        responses={
+            400: ResponseSpec(
+                data_container=dict[str, Any],
+                generate_examples=False,
+                description="An OpenAI error envelope: error.type, code, message, param, pointer (GET /v1/gateway/errors).",
+            )
+        },
+    )
+    async def chat_completions(data: JSONBody[ChatCompletionRequest]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    return chat_completions
 
 
 def _c1_chat_description() -> HTTPRouteHandler:
