@@ -212,7 +212,8 @@ def test_plan_is_own_target_then_fallbacks_recursively_each_alias_once() -> None
     snap = snapshot_of(
         alias("a", fallback=["b1", "c"]) + alias("b1", fallback=["c", "d"]) + alias("c") + alias("d")
     )
-    assert [t.alias for t in snap.lookup("a").targets] == ["a", "b1", "c", "d"]
+    text = inspect_request({"model": "a", "messages": [{"role": "user", "content": "hi"}]})
+    assert [t.alias for t in plan_attempts(snap.lookup("a"), text)] == ["a", "b1", "c", "d"]
 
 
 def test_composite_plan_is_its_route_then_its_fallbacks() -> None:
@@ -221,7 +222,8 @@ def test_composite_plan_is_its_route_then_its_fallbacks() -> None:
         alias("m1", fallback=["m3"]) + alias("m2") + alias("m3") + alias("late")
         + '[models."combo"]\nroute = ["m1", "m2"]\nfallback = ["late"]\n'
     )
-    assert [t.alias for t in snap.lookup("combo").targets] == ["m1", "m3", "m2", "late"]
+    text = inspect_request({"model": "combo", "messages": [{"role": "user", "content": "hi"}]})
+    assert [t.alias for t in plan_attempts(snap.lookup("combo"), text)] == ["m1", "m3", "m2", "late"]
 
 
 def test_plan_skips_members_that_cannot_take_the_request() -> None:

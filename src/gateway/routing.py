@@ -12,4 +12,9 @@ from gateway.snapshot import CompiledAlias, Target
 
 
 def plan_attempts(alias: CompiledAlias, facts: RequestFacts) -> tuple[Target, ...]:
-    return tuple(target for target in alias.targets if target.rules.accepts(facts))
+    """The targets to try, in order: each alias once, at its first occurrence that accepts the request."""
+    chosen: dict[str, Target] = {}
+    for target in alias.targets:
+        if target.alias not in chosen and target.accepts(facts):
+            chosen[target.alias] = target
+    return tuple(chosen.values())

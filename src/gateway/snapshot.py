@@ -31,6 +31,7 @@ import attrs
 
 from gateway.config.model import AliasSpec, Backend, Config
 from gateway.errors import GatewayError
+from gateway.facts import RequestFacts
 from gateway.rules import AliasRules, compile_rules
 
 BUILTIN_TOTAL_S = 120.0
@@ -66,6 +67,12 @@ class Target:
     retries: int
     image_output: bool
     rules: AliasRules
+    # The own declared keys of every composite this target was reached through: an
+    # inner composite that narrows (say input = ["text"]) narrows its members too.
+    gates: tuple[AliasRules, ...] = ()
+
+    def accepts(self, facts: RequestFacts) -> bool:
+        return self.rules.accepts(facts) and all(gate.accepts(facts) for gate in self.gates)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -157,28 +164,49 @@ def _target(name: str, config: Config, rules: Mapping[str, AliasRules], environ:
     )
 
 
-def _plan_targets(name: str, config: Config, targets: Mapping[str, Target], seen: set[str]) -> list[Target]:
-    """Own target (or a composite's members, in order), then fallbacks, recursively, each alias once."""
-    if name in seen:
-        return []
-    seen.add(name)
+MAX_PLAN_ENTRIES = 64
+
+
+def _plan_targets(
+    name: str,
+    config: Config,
+    targets: Mapping[str, Target],
+    rules: Mapping[str, AliasRules],
+    ancestors: tuple[str, ...] = (),
+    through: tuple[AliasRules, ...] = (),
+) -> list[Target]:
+    """Own target (or a composite's members, in order), then fallbacks, recursively.
+
+    Every target in the plan of an alias reached as a route member or a fallback is
+    gated by that alias's own keys and those of every alias above it: a member that
+    cannot serve the request is skipped with all it would fall back to. (For the
+    alias the client named this changes nothing: its rules already passed.) An
+    alias reached along two paths appears once per path, each with its own gates;
+    ``routing`` keeps the first occurrence that accepts the request.
+    """
+    if name in ancestors:
+        return []  # the loader refuses cycles; this only keeps a bad snapshot finite
     spec = config.models[name]
+    below = (*through, attrs.evolve(rules[name], members=()))
+    path = (*ancestors, name)
     plan: list[Target] = []
     if spec.route is not None:
         for member in spec.route:
-            plan += _plan_targets(member, config, targets, seen)
+            plan += _plan_targets(member, config, targets, rules, path, below)
     else:
-        plan.append(targets[name])
+        target = targets[name]
+        plan.append(attrs.evolve(target, gates=through) if through else target)
     for fallback in spec.fallback:
-        plan += _plan_targets(fallback, config, targets, seen)
-    return plan
+        plan += _plan_targets(fallback, config, targets, rules, path, below)
+    return plan[:MAX_PLAN_ENTRIES]
 
 
 def plan_deadline_s(spec: AliasSpec, plan: tuple[Target, ...]) -> float:
-    """The bound on a request's total time over every attempt of its plan."""
+    """The bound on a request's total time over every attempt of its plan (each alias counted once)."""
     if spec.route is not None and spec.timeout_s is not None:
         return spec.timeout_s
-    return sum(target.timeouts.total_s for target in plan) or BUILTIN_TOTAL_S
+    totals = {target.alias: target.timeouts.total_s for target in plan}
+    return sum(totals.values()) or BUILTIN_TOTAL_S
 
 
 def build_snapshot(
@@ -196,7 +224,7 @@ def build_snapshot(
     }
     aliases: dict[str, CompiledAlias] = {}
     for name, spec in config.models.items():
-        plan = tuple(_plan_targets(name, config, targets, set()))
+        plan = tuple(_plan_targets(name, config, targets, rules))
         aliases[name] = CompiledAlias(
             name=name, spec=spec, rules=rules[name], targets=plan, deadline_s=plan_deadline_s(spec, plan)
         )
