@@ -189,19 +189,25 @@ def _set_state(app_config: Any, state: GatewayState) -> Any:
     return app_config
 
 
-def _chat_completions_description() -> HTTPRouteHandler:
-    """``POST /v1/chat/completions`` for the OpenAPI document; never served (the raw ASGI handler is)."""
+def _completion_description(path: str, request: type, summary: str, description: str) -> HTTPRouteHandler:
+    """``POST path`` for the OpenAPI document; never served (the raw ASGI handler is).
 
-    @post(
-        "/v1/chat/completions",
+    ``request`` is the body's schema; both completion endpoints answer alike, so the
+    responses are described once here.
+    """
+
+    async def described(data: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # The schema is known only per call: set the annotation Litestar reads it from.
+    described.__annotations__ = {"data": JSONBody[request], "return": dict[str, Any]}  # type: ignore[misc,valid-type]
+    described.__name__ = described.__qualname__ = "describe_" + path.strip("/").replace("/", "_")
+    return post(
+        path,
         status_code=200,
         tags=["chat"],
-        summary="OpenAI Chat Completions, for any alias",
-        description=(
-            "The request is checked against the alias's rules generated from models.toml, then routed "
-            "through its targets, fallbacks or composite route. `model` in the answer is the alias that "
-            "served; `x-gateway-served-by` and `x-gateway-attempts` say which and how many calls it took."
-        ),
+        summary=summary,
+        description=description,
         response_description="The chat completion, or with `\"stream\": true` an SSE stream ending in `data: [DONE]`.",
         responses={
             400: ResponseSpec(
@@ -210,41 +216,31 @@ def _chat_completions_description() -> HTTPRouteHandler:
                 description="An OpenAI error envelope: error.type, code, message, param, pointer (GET /v1/gateway/errors).",
             )
         },
-    )
-    async def chat_completions(data: JSONBody[ChatCompletionRequest]) -> dict[str, Any]:
-        raise NotImplementedError
+    )(described)
 
-    return chat_completions
+
+def _chat_completions_description() -> HTTPRouteHandler:
+    return _completion_description(
+        "/v1/chat/completions",
+        ChatCompletionRequest,
+        "OpenAI Chat Completions, for any alias",
+        "The request is checked against the alias's rules generated from models.toml, then routed "
+        "through its targets, fallbacks or composite route. `model` in the answer is the alias that "
+        "served; `x-gateway-served-by` and `x-gateway-attempts` say which and how many calls it took.",
+    )
 
 
 def _c1_chat_description() -> HTTPRouteHandler:
-    """``POST /c1/chat`` for the OpenAPI document; never served (the raw ASGI handler is)."""
-
-    @post(
+    return _completion_description(
         "/c1/chat",
-        status_code=200,
-        tags=["chat"],
-        summary="Chat with a top-level message and images",
-        description=(
-            "The shortcut of the vision page: `message` (a string, or an array of content parts) and "
-            "top-level `images` are rebuilt into one user message of content parts, after the optional "
-            "`system` prompt and `messages` history; every other field passes through. The answer is "
-            "exactly that of POST /v1/chat/completions (JSON, or SSE with `\"stream\": true`). Error "
-            "`param`/`pointer` name places in this body, e.g. `images[1].url`."
-        ),
-        response_description="The chat completion, or with `\"stream\": true` an SSE stream ending in `data: [DONE]`.",
-        responses={
-            400: ResponseSpec(
-                data_container=dict[str, Any],
-                generate_examples=False,
-                description="An OpenAI error envelope: error.type, code, message, param, pointer (GET /v1/gateway/errors).",
-            )
-        },
+        C1ChatRequest,
+        "Chat with a top-level message and images",
+        "The shortcut of the vision page: `message` (a string, or an array of content parts) and "
+        "top-level `images` are rebuilt into one user message of content parts, after the optional "
+        "`system` prompt and `messages` history; every other field passes through. The answer is "
+        "exactly that of POST /v1/chat/completions (JSON, or SSE with `\"stream\": true`). Error "
+        "`param`/`pointer` name places in this body, e.g. `images[1].url`.",
     )
-    async def c1_chat(data: JSONBody[C1ChatRequest]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    return c1_chat
 
 
 def document_raw_routes(app: Litestar, descriptions: list[HTTPRouteHandler]) -> None:
