@@ -464,6 +464,17 @@ async def run_workers(worker: Callable[[], Coroutine[Any, Any, None]], count: in
     return True
 
 
+async def run_phase(
+    worker: Callable[[Any], Coroutine[Any, Any, None]], conc: int, duration_s: float, errors: Counter[str]
+) -> float:
+    """Run ``conc`` workers on one session for the phase (plus a drain); its seconds, cuts counted in ``errors``."""
+    async with _session(conc) as session:
+        t0 = time.perf_counter()
+        if not await run_workers(lambda: worker(session), conc, duration_s + DRAIN_TIMEOUT_S):
+            errors["phase cut at its time limit"] += 1
+        return time.perf_counter() - t0
+
+
 class Budget:
     """The shared bounds of one phase: stop starting requests at the deadline or at the cap."""
 
@@ -502,11 +513,7 @@ async def _plain_load(url: str, body: bytes, conc: int, duration_s: float, max_r
             else:
                 errors[f"http {status}"] += 1
 
-    async with _session(conc) as session:
-        t0 = time.perf_counter()
-        if not await run_workers(lambda: worker(session), conc, duration_s + DRAIN_TIMEOUT_S):
-            errors["phase cut at its time limit"] += 1
-        seconds = time.perf_counter() - t0
+    seconds = await run_phase(worker, conc, duration_s, errors)
     return LoadResult(
         requests=len(latencies) + sum(errors.values()),
         seconds=seconds,
@@ -563,11 +570,7 @@ async def _stream_load(
                 await asyncio.sleep(0.01)
         worker_rates.append(completed / (time.perf_counter() - t0))
 
-    async with _session(conc) as session:
-        t0 = time.perf_counter()
-        if not await run_workers(lambda: worker(session), conc, duration_s + DRAIN_TIMEOUT_S):
-            errors["phase cut at its time limit"] += 1
-        seconds = time.perf_counter() - t0
+    seconds = await run_phase(worker, conc, duration_s, errors)
     # The sum of each worker's own rate (its streams ÷ the time to its last one's end): the
     # phase's wall time is set by the one worker whose last stream started just before the
     # deadline, and with second-long streams that alone is a 20 % swing.
