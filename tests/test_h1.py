@@ -1,0 +1,474 @@
+"""The lean HTTP/1.1 pool (gateway.h1) against scripted servers on real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Self
+
+import pytest
+
+from gateway.h1 import H1Error, H1Pool, H1Response, Origin, request_head
+
+
+def in_loop(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test in a fresh event loop, bounded in time."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 20))
+
+    return run
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
+
+
+class Server:
+    """A loopback server whose every connection runs ``handler``; it counts connections and requests."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.bodies: list[bytes] = []
+        self.closed_by_client = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def origin(self) -> Origin:
+        assert self._server is not None
+        return Origin("http", "127.0.0.1", self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer, self)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes | None:
+        """One request's body, or None when the client closed the connection."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            self.closed_by_client.set()
+            return None
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await reader.readexactly(length)
+        self.bodies.append(body)
+        return body
+
+
+def ok(body: bytes = b'{"ok":true}', extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+def head_for(origin: Origin, body: bytes) -> bytes:
+    host = f"{origin.host}:{origin.port}"
+    return request_head("POST", "/v1/chat/completions", [("host", host)]) + b"content-length: %d\r\n\r\n" % len(body)
+
+
+async def call(pool: H1Pool, origin: Origin, body: bytes = b"{}") -> H1Response:
+    return await pool.send(origin, head_for(origin, body), body, connect_timeout_s=2)
+
+
+async def read_all(response: H1Response, timeout_s: float = 2) -> bytes:
+    parts = []
+    while (chunk := await response.next_chunk(timeout_s)) is not None:
+        parts.append(chunk)
+    response.close()
+    return b"".join(parts)
+
+
+async def answer_each_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+    while await server.read_request(reader) is not None:
+        writer.write(ok())
+        await writer.drain()
+
+
+@in_loop
+async def test_a_connection_is_kept_alive_and_reused() -> None:
+    async with Server(answer_each_request) as server:
+        pool = H1Pool()
+        for _ in range(5):
+            response = await call(pool, server.origin)
+            assert response.status == 200
+            assert response.headers["content-type"] == "application/json"
+            assert await read_all(response) == b'{"ok":true}'
+        assert server.connections == 1
+        assert pool.open_connections == 1
+        await pool.aclose()
+
+
+@in_loop
+async def test_concurrent_requests_open_connections_up_to_the_limit_then_queue() -> None:
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while await server.read_request(reader) is not None:
+            await release.wait()
+            writer.write(ok())
+            await writer.drain()
+
+    async with Server(slow) as server:
+        pool = H1Pool(max_connections=2)
+
+        async def one() -> bytes:
+            return await read_all(await call(pool, server.origin))
+
+        calls = [asyncio.create_task(one()) for _ in range(5)]
+        await asyncio.sleep(0.2)
+        assert server.connections == 2  # the other three wait for a slot
+        release.set()
+        assert await asyncio.gather(*calls) == [b'{"ok":true}'] * 5
+        assert server.connections == 2
+        await pool.aclose()
+
+
+@in_loop
+async def test_a_caller_cancelled_while_queued_for_a_slot_leaks_nothing() -> None:
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while await server.read_request(reader) is not None:
+            await release.wait()
+            writer.write(ok())
+            await writer.drain()
+
+    async with Server(slow) as server:
+        pool = H1Pool(max_connections=1)
+        first = asyncio.create_task(call(pool, server.origin))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(call(pool, server.origin))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        release.set()
+        assert await read_all(await first) == b'{"ok":true}'
+        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
+        assert pool.open_connections == 1
+        await pool.aclose()
+
+
+@in_loop
+async def test_waiting_for_a_slot_is_bounded_by_the_connect_timeout() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        await asyncio.sleep(5)
+
+    async with Server(silent) as server:
+        pool = H1Pool(max_connections=1)
+        held = asyncio.create_task(call(pool, server.origin))
+        await asyncio.sleep(0.05)
+        with pytest.raises(H1Error) as caught:
+            await pool.send(server.origin, head_for(server.origin, b"{}"), b"{}", connect_timeout_s=0.1)
+        assert caught.value.kind == "connect_timeout"
+        held.cancel()
+        await pool.aclose()
+
+
+@in_loop
+async def test_chunked_and_split_bodies_arrive_whole() -> None:
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while await server.read_request(reader) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for piece in (b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async with Server(chunked) as server:
+        pool = H1Pool()
+        for _ in range(2):
+            response = await call(pool, server.origin)
+            assert await read_all(response) == b"data: one\n\ndata: two\n\ndata: [DONE]\n\n"
+        assert server.connections == 1
+        await pool.aclose()
+
+
+@in_loop
+async def test_a_body_without_length_ends_with_the_connection_which_is_not_reused() -> None:
+    async def until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it")
+        await writer.drain()
+
+    async with Server(until_eof) as server:
+        pool = H1Pool()
+        assert await read_all(await call(pool, server.origin)) == b"all of it"
+        assert await read_all(await call(pool, server.origin)) == b"all of it"
+        assert server.connections == 2
+        await pool.aclose()
+
+
+@in_loop
+async def test_connection_close_is_honoured() -> None:
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        writer.write(ok(extra=b"connection: close\r\n"))
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the client must not wait for this close to reuse anything
+
+    async with Server(closing) as server:
+        pool = H1Pool()
+        for _ in range(2):
+            assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
+        assert server.connections == 2
+        await pool.aclose()
+
+
+@in_loop
+async def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
+    async def one_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        writer.write(ok())  # keep-alive is implied, and then the server closes anyway
+        await writer.drain()
+
+    async with Server(one_then_close) as server:
+        pool = H1Pool()
+        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
+        await asyncio.sleep(0.1)
+        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
+        assert server.connections == 2
+        await asyncio.sleep(0.1)
+        assert pool.open_connections == 0  # both closed by the server: their slots are free
+        await pool.aclose()
+
+
+@in_loop
+async def test_idle_connections_expire() -> None:
+    async with Server(answer_each_request) as server:
+        pool = H1Pool(keepalive_s=0.05)
+        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
+        await asyncio.sleep(0.1)
+        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
+        assert server.connections == 2
+        await pool.aclose()
+
+
+@in_loop
+async def test_an_interim_answer_is_skipped() -> None:
+    async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while await server.read_request(reader) is not None:
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n" + ok())
+            await writer.drain()
+
+    async with Server(early_hints) as server:
+        pool = H1Pool()
+        response = await call(pool, server.origin)
+        assert response.status == 200
+        assert "link" not in response.headers
+        assert await read_all(response) == b'{"ok":true}'
+        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
+        assert server.connections == 1
+        await pool.aclose()
+
+
+@in_loop
+async def test_repeated_headers_are_joined() -> None:
+    async def repeated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        writer.write(ok(extra=b"X-Thing: a\r\nx-thing: b\r\n"))
+        await writer.drain()
+
+    async with Server(repeated) as server:
+        pool = H1Pool()
+        response = await call(pool, server.origin)
+        assert response.headers["x-thing"] == "a, b"
+        await read_all(response)
+        await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind", "partial"),
+    [
+        (b"", "closed", False),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this", "closed", True),
+        (b"SMTP ready\r\n\r\n", "protocol", True),
+    ],
+    ids=["closed before the answer", "cut mid-body", "not HTTP"],
+)
+@in_loop
+async def test_broken_answers_fail_with_a_kind(answer: bytes, kind: str, partial: bool) -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+
+    async with Server(broken) as server:
+        pool = H1Pool()
+        with pytest.raises(H1Error) as caught:
+            response = await call(pool, server.origin)
+            await read_all(response)
+        assert (caught.value.kind, caught.value.partial) == (kind, partial)
+        assert "127.0.0.1" not in str(caught.value)
+        await asyncio.sleep(0.05)
+        assert pool.open_connections == 0
+        await pool.aclose()
+
+
+@in_loop
+async def test_refused_connections_say_so_without_naming_the_host() -> None:
+    async with Server(answer_each_request) as server:
+        origin = server.origin
+    pool = H1Pool()
+    with pytest.raises(H1Error) as caught:
+        await call(pool, origin)
+    assert caught.value.kind == "connect"
+    assert caught.value.detail == "connection refused"
+    assert str(origin.port) not in str(caught.value)
+    assert pool.open_connections == 0
+
+
+@in_loop
+async def test_closing_an_unfinished_answer_aborts_its_connection() -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        while True:
+            writer.write(b"5\r\nhello\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)
+
+    async with Server(endless) as server:
+        pool = H1Pool()
+        response = await call(pool, server.origin)
+        assert await response.next_chunk(2)
+        response.close()
+        await asyncio.sleep(0.1)
+        assert pool.open_connections == 0
+        await pool.aclose()
+
+
+@in_loop
+async def test_a_caller_cancelled_before_the_answer_aborts_the_request() -> None:
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        await server.read_request(reader)  # sees the client's close
+
+    async with Server(slow) as server:
+        pool = H1Pool()
+        pending = asyncio.create_task(call(pool, server.origin))
+        await asyncio.sleep(0.05)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await asyncio.wait_for(server.closed_by_client.wait(), 2)
+        assert pool.open_connections == 0
+        await pool.aclose()
+
+
+@in_loop
+async def test_a_silent_body_times_out_and_the_connection_is_not_reused() -> None:
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while await server.read_request(reader) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
+            await writer.drain()
+
+    async with Server(stalls) as server:
+        pool = H1Pool()
+        response = await call(pool, server.origin)
+        assert await response.next_chunk(1) == b"half"
+        with pytest.raises(TimeoutError):
+            await response.next_chunk(0.05)
+        response.close()
+        await asyncio.sleep(0.05)
+        assert pool.open_connections == 0
+        await pool.aclose()
+
+
+@in_loop
+async def test_large_bodies_both_ways_arrive_intact_with_reading_paused_between() -> None:
+    payload = bytes(range(256)) * (12 * 1024)  # 3 MiB: over JOIN_LIMIT and BUFFER_BYTES
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while (body := await server.read_request(reader)) is not None:
+            writer.write(ok(body))
+            await writer.drain()
+
+    async with Server(echo) as server:
+        pool = H1Pool()
+        for _ in range(2):
+            response = await call(pool, server.origin, payload)
+            await asyncio.sleep(0.2)  # let the socket fill our buffer and reading pause
+            assert await read_all(response) == payload
+        assert server.bodies == [payload, payload]
+        assert server.connections == 1  # reading resumed: the connection was reusable
+        await pool.aclose()
+
+
+@in_loop
+async def test_a_released_connection_of_another_origin_is_closed_to_make_room() -> None:
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while await server.read_request(reader) is not None:
+            await release.wait()
+            writer.write(ok())
+            await writer.drain()
+
+    async with Server(slow) as first, Server(answer_each_request) as second:
+        pool = H1Pool(max_connections=1)
+        held = asyncio.create_task(call(pool, first.origin))
+        await asyncio.sleep(0.05)
+        other = asyncio.create_task(call(pool, second.origin))
+        await asyncio.sleep(0.05)
+        assert not other.done()
+        release.set()
+        assert await read_all(await held) == b'{"ok":true}'
+        assert await read_all(await other) == b'{"ok":true}'
+        assert (first.connections, second.connections, pool.open_connections) == (1, 1, 1)
+        await pool.aclose()
+
+
+@in_loop
+async def test_https_origins_are_reached_over_verified_tls() -> None:
+    trustme = pytest.importorskip("trustme")
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        helper = Server(answer_each_request)
+        try:
+            await answer_each_request(reader, writer, helper)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context)
+    origin = Origin("https", "127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        pool = H1Pool(ssl_context=client_context)
+        for _ in range(2):
+            assert await read_all(await call(pool, origin)) == b'{"ok":true}'
+        assert pool.open_connections == 1
+        await pool.aclose()
+
+        untrusting = H1Pool()  # the system's roots do not know this authority
+        with pytest.raises(H1Error) as caught:
+            await call(untrusting, origin)
+        assert caught.value.kind == "connect"
+        assert caught.value.detail.startswith("TLS handshake failed")
+        assert untrusting.open_connections == 0
+    finally:
+        server.close()
