@@ -20,10 +20,9 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import httpx
 from litestar import Litestar, Request, Response, asgi, post
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException, ValidationException
 from litestar.handlers import HTTPRouteHandler
@@ -45,6 +44,9 @@ from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
 from gateway.upstream import UpstreamClient
 from gateway.watch import LiveReload
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("gateway")
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import math
 import urllib.parse
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
-import redis.asyncio
 from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
@@ -38,7 +37,7 @@ REDIS_TIMEOUT_S = 1.0
 Unit = Literal["requests", "tokens"]
 
 # What a broken or unreachable storage raises (the admission then lets requests through).
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (StorageError, redis.RedisError, OSError, TimeoutError)
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (StorageError, OSError, TimeoutError)
 
 
 @attrs.frozen
@@ -114,10 +113,16 @@ class RateCounter:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._pool: redis.asyncio.ConnectionPool | None = None
+        self._pool: Any = None
+        # The client library's own errors, re-raised as StorageError (empty: catches nothing).
+        self._native_errors: tuple[type[Exception], ...] = ()
         if url == "memory":
             self._storage: MemoryStorage | RedisStorage = MemoryStorage()
         else:
+            # Imported only when a Redis URL is configured: it costs each worker ~5 MiB.
+            import redis.asyncio
+
+            self._native_errors = (redis.RedisError,)
             # Our own pool: bounded timeouts, and a handle to close at shutdown.
             self._pool = redis.asyncio.ConnectionPool.from_url(
                 url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
@@ -127,20 +132,29 @@ class RateCounter:
                 implementation="redispy",
                 wrap_exceptions=True,
                 key_prefix=KEY_PREFIX,
-                connection_pool=self._pool,  # type: ignore[arg-type]  # typed as scalars, documented as passed on
+                connection_pool=self._pool,  # typed as scalars, documented as passed on
             )
         self._limiter = SlidingWindowCounterRateLimiter(self._storage)
 
     async def window(self, rate: Rate) -> Window:
-        previous, previous_ttl, current, current_ttl = await self._storage.get_sliding_window(rate.storage_key, WINDOW_S)
+        try:
+            previous, previous_ttl, current, current_ttl = await self._storage.get_sliding_window(rate.storage_key, WINDOW_S)
+        except self._native_errors as exc:
+            raise StorageError(exc) from exc
         return Window(int(previous), float(previous_ttl), int(current), float(current_ttl))
 
     async def take(self, rate: Rate, cost: int) -> bool:
-        return await self._limiter.hit(rate.item, *rate.identifiers, cost=max(1, min(cost, rate.per_minute)))
+        try:
+            return await self._limiter.hit(rate.item, *rate.identifiers, cost=max(1, min(cost, rate.per_minute)))
+        except self._native_errors as exc:
+            raise StorageError(exc) from exc
 
     async def add(self, rate: Rate, cost: int) -> None:
         if cost > 0:
-            await self._storage.acquire_sliding_window_entry(rate.storage_key, NO_LIMIT, WINDOW_S, cost)
+            try:
+                await self._storage.acquire_sliding_window_entry(rate.storage_key, NO_LIMIT, WINDOW_S, cost)
+            except self._native_errors as exc:
+                raise StorageError(exc) from exc
 
     async def aclose(self) -> None:
         if self._pool is not None:

@@ -5,9 +5,9 @@ asyncio protocols: measured against a local stand-in it costs ~11 µs of CPU per
 request where aiohttp's client cost ~60 µs and httpx's layer over aiohttp
 another ~50 µs, and it holds thousands of concurrent streams (httpx's own
 transport served 48 of 197 possible one-second streams per second at 200
-concurrent). httpx stays the client API for everything else: any
-``httpx.AsyncBaseTransport`` can be given instead (tests give an
-``httpx.MockTransport``), and ``gateway.h1`` is reached only through here.
+concurrent). httpx stays the seam for everything else: any ``httpx.AsyncBaseTransport``
+can be given instead (tests give an ``httpx.MockTransport``; see
+``gateway.upstream_httpx``), and ``gateway.h1`` is reached only through here.
 
 How a call goes:
 1. ``UpstreamClient.open`` sends the request and waits for the response headers,
@@ -33,25 +33,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
-import httpx
 
 from gateway.h1 import H1Error, H1Pool, Origin, request_head
 from gateway.snapshot import Target
 
+if TYPE_CHECKING:
+    import httpx
+
+    from gateway.upstream_httpx import HttpxSender
+
 # Loopback upstreams answer uncompressed: gzip would cost CPU on both sides for nothing,
 # and remote ones send small JSON whose size does not matter next to generation time.
 BASE_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
-
-# httpx logs every request's full URL at INFO; a backend URL may carry credentials,
-# and which backend served belongs in our own structured logs, not in httpx's.
-logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class UpstreamFault(Exception):
@@ -63,56 +63,38 @@ class UpstreamFault(Exception):
         self.detail = detail
 
 
-def _transport_fault(exc: BaseException) -> UpstreamFault:
-    """Map a pool, httpx or OS error to a fault, in words that name no host."""
+def transport_fault(exc: BaseException) -> UpstreamFault:
+    """Map a pool or OS error to a fault, in words that name no host."""
     if isinstance(exc, H1Error):
         # The pool words its details without hosts or ports.
         return UpstreamFault("reset" if exc.kind in ("closed", "protocol") else exc.kind, exc.detail)
-    if isinstance(exc, httpx.ConnectTimeout):
-        return UpstreamFault("connect_timeout", "no connection in time")
-    if isinstance(exc, (httpx.ConnectError, ConnectionRefusedError)):
-        # The errno's own words: library messages name the host and port.
-        number = getattr(exc.__cause__ or exc, "errno", None)
-        return UpstreamFault("connect", os.strerror(number).lower() if isinstance(number, int) and number > 0 else "cannot connect")
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamFault("timeout", "the transport timed out")
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return UpstreamFault("reset", "the upstream closed the connection")
-    if isinstance(exc, (ConnectionResetError, httpx.ReadError)):
+    if isinstance(exc, ConnectionRefusedError):
+        return UpstreamFault("connect", errno_words(exc.errno))
+    if isinstance(exc, ConnectionResetError):
         return UpstreamFault("reset", "connection reset")
     return UpstreamFault("reset", f"transport error ({type(exc).__name__})")
 
 
-class _Body(Protocol):
-    """An answer's body as the pool (``h1.H1Response``) or the httpx seam delivers it."""
+def errno_words(number: object) -> str:
+    # The errno's own words: library messages name the host and port.
+    return os.strerror(number).lower() if isinstance(number, int) and number > 0 else "cannot connect"
+
+
+class Body(Protocol):
+    """An answer's body as the pool (``h1.H1Response``) or the httpx seam delivers it.
+
+    ``next_chunk`` raises ``TimeoutError`` when nothing arrives in time.
+    """
 
     async def next_chunk(self, timeout_s: float) -> bytes | None: ...
 
     async def aclose(self) -> None: ...
 
 
-class _HttpxBody:
-    def __init__(self, response: httpx.Response) -> None:
-        self._response = response
-        # aiter_bytes, not aiter_raw: it undoes a content-encoding an upstream used
-        # despite our "identity", and serves a body already read (MockTransport).
-        self._chunks = response.aiter_bytes().__aiter__()
-
-    async def next_chunk(self, timeout_s: float) -> bytes | None:
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self._chunks.__anext__()
-        except StopAsyncIteration:
-            return None
-
-    async def aclose(self) -> None:
-        await self._response.aclose()
-
-
 class UpstreamStream:
     """An open answer, read chunk by chunk; the owner must ``aclose()`` it on every path."""
 
-    def __init__(self, status: int, headers: Mapping[str, str], body: _Body, idle_s: float, ends_at: float) -> None:
+    def __init__(self, status: int, headers: Mapping[str, str], body: Body, idle_s: float, ends_at: float) -> None:
         self.status = status
         self.headers = headers  # lower-case names
         self.ends_at = ends_at
@@ -139,8 +121,8 @@ class UpstreamStream:
             if within_s is not None:
                 raise UpstreamFault("first_byte_timeout", "no answer began in time") from None
             raise UpstreamFault("idle_timeout", f"no data for {self._idle_s:g} s") from None
-        except (H1Error, httpx.HTTPError, OSError) as exc:
-            raise _transport_fault(exc) from exc
+        except (H1Error, OSError) as exc:
+            raise transport_fault(exc) from exc
 
     async def read(self, limit: int | None = None, *, within_s: float | None = None) -> bytes:
         """The rest of the body (at most about ``limit`` bytes), each read waiting as ``next_chunk`` does."""
@@ -160,42 +142,49 @@ class UpstreamStream:
         self._closed = True
         try:
             await self._body.aclose()
-        except (httpx.HTTPError, OSError):
+        except OSError:
             pass  # the connection is broken already: nothing left to close
 
 
 @attrs.frozen
-class _Prepared:
-    """What a target's requests share, built once: the pool's origin and head, or the httpx URL and headers."""
+class Prepared:
+    """What a target's requests share, built once."""
 
     origin: Origin
     head: bytes  # request line and headers, up to the content-length
-    url: httpx.URL
+    url: str  # without credentials: they went into ``headers``
     headers: list[tuple[bytes, bytes]]
 
 
 class UpstreamClient:
     """One long-lived client per process, shared by every backend, closed at shutdown.
 
-    ``transport`` replaces the pool by any httpx transport (the unit tests' seam).
+    ``transport`` replaces the pool by any httpx transport (the unit tests' seam);
+    httpx is imported only then (it costs each worker ~7 MiB).
     """
 
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None, max_connections: int = 4096) -> None:
-        self._transport = transport
-        self._pool = H1Pool(max_connections=max_connections) if transport is None else None
-        self._prepared: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], _Prepared] = {}
+        self._httpx: HttpxSender | None = None
+        self._pool: H1Pool | None = None
+        if transport is not None:
+            from gateway.upstream_httpx import HttpxSender
+
+            self._httpx = HttpxSender(transport)
+        else:
+            self._pool = H1Pool(max_connections=max_connections)
+        self._prepared: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], Prepared] = {}
 
     async def aclose(self) -> None:
         if self._pool is not None:
             await self._pool.aclose()
-        if self._transport is not None:
-            await self._transport.aclose()
+        if self._httpx is not None:
+            await self._httpx.aclose()
 
-    def _prepare(self, target: Target) -> _Prepared:
+    def _prepare(self, target: Target) -> Prepared:
         key = (target.base_url, target.api_key, tuple(target.headers.items()))
         prepared = self._prepared.get(key)
         if prepared is None:
-            prepared = self._prepared[key] = _prepare(target)
+            prepared = self._prepared[key] = prepare(target)
             if len(self._prepared) > 1024:  # reloads with ever-new backends must not grow it without end
                 self._prepared.pop(next(iter(self._prepared)))
         return prepared
@@ -203,49 +192,46 @@ class UpstreamClient:
     async def open(self, target: Target, body: bytes, *, wait_s: float, ends_at: float) -> UpstreamStream:
         """Send the request and wait at most ``wait_s`` for the response headers."""
         prepared = self._prepare(target)
+        timeouts = target.timeouts
         try:
             async with asyncio.timeout(max(wait_s, 0.0)):
                 if self._pool is not None:
                     head = prepared.head + b"content-length: %d\r\n\r\n" % len(body)
-                    answer = await self._pool.send(prepared.origin, head, body, target.timeouts.connect_s)
-                    return UpstreamStream(answer.status, answer.headers, answer, target.timeouts.idle_s, ends_at)
-                response = await self._send_httpx(prepared, target, body)
+                    answer = await self._pool.send(prepared.origin, head, body, timeouts.connect_s)
+                    return UpstreamStream(answer.status, answer.headers, answer, timeouts.idle_s, ends_at)
+                assert self._httpx is not None
+                status, headers, reader = await self._httpx.send(prepared, timeouts, body)
         except TimeoutError:
             raise UpstreamFault("first_byte_timeout", f"no answer within {wait_s:.3g} s") from None
-        except (H1Error, httpx.HTTPError, OSError) as exc:
-            raise _transport_fault(exc) from exc
-        return UpstreamStream(response.status_code, response.headers, _HttpxBody(response), target.timeouts.idle_s, ends_at)
-
-    async def _send_httpx(self, prepared: _Prepared, target: Target, body: bytes) -> httpx.Response:
-        assert self._transport is not None
-        timeouts = target.timeouts
-        timeout = {"connect": timeouts.connect_s, "read": None, "write": timeouts.total_s, "pool": timeouts.connect_s}
-        headers = [*prepared.headers, (b"content-length", str(len(body)).encode())]
-        request = httpx.Request("POST", prepared.url, headers=headers, content=body, extensions={"timeout": timeout})
-        response = await self._transport.handle_async_request(request)
-        response.request = request
-        return response
+        except (H1Error, OSError) as exc:
+            raise transport_fault(exc) from exc
+        return UpstreamStream(status, headers, reader, timeouts.idle_s, ends_at)
 
 
-def _prepare(target: Target) -> _Prepared:
-    url = httpx.URL(f"{target.base_url}/chat/completions")
+def prepare(target: Target) -> Prepared:
+    """The origin, request head and headers of ``target``'s requests."""
+    base = urllib.parse.urlsplit(target.base_url)
+    # The endpoint goes after the base path, before a query (Azure-style "?api-version=...").
+    parts = base._replace(path=base.path.rstrip("/") + "/chat/completions", fragment="")
     headers = dict(BASE_HEADERS)
     headers.update({name.lower(): value for name, value in target.headers.items()})
     if target.api_key:
         headers["authorization"] = f"Bearer {target.api_key}"
-    elif url.username or url.password:
+    elif parts.username is not None or parts.password is not None:
         # Credentials in the backend's URL, and no key: HTTP Basic, as clients do with such URLs.
-        pair = f"{url.username}:{url.password}".encode()
-        headers["authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        headers["authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
     # The key header (or the Basic one) carries the credentials: never the URL.
-    url = url.copy_with(username=None, password=None)
-    headers["host"] = url.netloc.decode("ascii")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    path = url.raw_path.decode("ascii")
-    return _Prepared(
-        origin=Origin(url.scheme, url.host, port),
+    netloc = parts.netloc.rpartition("@")[2]
+    headers["host"] = netloc
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Prepared(
+        origin=Origin(parts.scheme, host, port),
         head=request_head("POST", path, list(headers.items())),
-        url=url,
+        url=urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")),
         headers=[(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()],
     )
 
