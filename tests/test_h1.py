@@ -10,7 +10,7 @@ from typing import Any, Self
 
 import pytest
 
-from gateway.h1 import H1Error, H1Pool, H1Response, Origin, request_head
+from gateway.h1 import H1Error, H1Pool, H1Response, Origin, body_length, request_head
 
 
 def in_loop(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -472,3 +472,24 @@ async def test_https_origins_are_reached_over_verified_tls() -> None:
         assert untrusting.open_connections == 0
     finally:
         server.close()
+
+
+@in_loop
+async def test_a_body_in_pieces_arrives_as_one() -> None:
+    payload = bytearray(b"x" * (3 << 20))
+    view = memoryview(payload)
+    pieces = (view[:1000], b'"spliced"', view[1000:])
+    joined = b"".join(pieces)
+
+    async def echo_length(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while (body := await server.read_request(reader)) is not None:
+            writer.write(ok(str(len(body)).encode()))
+            await writer.drain()
+
+    async with Server(echo_length) as server:
+        pool = H1Pool()
+        head = request_head("POST", "/", [("host", "x")]) + b"content-length: %d\r\n\r\n" % body_length(pieces)
+        response = await pool.send(server.origin, head, pieces, connect_timeout_s=2)
+        assert await read_all(response) == str(len(joined)).encode()
+        assert server.bodies == [joined]
+        await pool.aclose()

@@ -43,6 +43,14 @@ BUFFER_BYTES = 1 << 20
 # A request up to this size goes out as one write: head and body joined.
 JOIN_LIMIT = 64 * 1024
 
+# A request body: bytes, or pieces written one after the other (a large body with
+# one value spliced in, sent without copying the megabytes around it).
+RequestBody = bytes | tuple[bytes | memoryview, ...]
+
+
+def body_length(body: RequestBody) -> int:
+    return len(body) if isinstance(body, bytes) else sum(len(part) for part in body)
+
 
 class H1Error(Exception):
     def __init__(self, kind: str, detail: str, *, errno: int | None = None, partial: bool = False) -> None:
@@ -246,14 +254,16 @@ class _Connection(asyncio.Protocol):
 
     # used by the pool and the response
 
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[H1Response]:
+    def send(self, head: bytes, body: RequestBody) -> asyncio.Future[H1Response]:
         assert self.transport is not None
         self._response = None
         self._status = 0
         self._headers = {}
         self._received_any = False
         waiter = self._head_waiter = asyncio.get_running_loop().create_future()
-        if len(body) <= JOIN_LIMIT:
+        if not isinstance(body, bytes):
+            self.transport.writelines((head, *body))
+        elif len(body) <= JOIN_LIMIT:
             self.transport.write(head + body)
         else:
             self.transport.write(head)
@@ -311,7 +321,7 @@ class H1Pool:
     def open_connections(self) -> int:
         return self._open
 
-    async def send(self, origin: Origin, head: bytes, body: bytes, connect_timeout_s: float) -> H1Response:
+    async def send(self, origin: Origin, head: bytes, body: RequestBody, connect_timeout_s: float) -> H1Response:
         """Write the request on a pooled or new connection and wait for the answer's head.
 
         ``connect_timeout_s`` bounds waiting for a slot and connecting. A caller

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
-from gateway.h1 import H1Error, H1Pool, Origin, request_head
+from gateway.h1 import H1Error, H1Pool, Origin, RequestBody, body_length, request_head
 from gateway.snapshot import Target
 
 if TYPE_CHECKING:
@@ -189,14 +189,14 @@ class UpstreamClient:
                 self._prepared.pop(next(iter(self._prepared)))
         return prepared
 
-    async def open(self, target: Target, body: bytes, *, wait_s: float, ends_at: float) -> UpstreamStream:
+    async def open(self, target: Target, body: RequestBody, *, wait_s: float, ends_at: float) -> UpstreamStream:
         """Send the request and wait at most ``wait_s`` for the response headers."""
         prepared = self._prepare(target)
         timeouts = target.timeouts
         try:
             async with asyncio.timeout(max(wait_s, 0.0)):
                 if self._pool is not None:
-                    head = prepared.head + b"content-length: %d\r\n\r\n" % len(body)
+                    head = prepared.head + b"content-length: %d\r\n\r\n" % body_length(body)
                     answer = await self._pool.send(prepared.origin, head, body, timeouts.connect_s)
                     return UpstreamStream(answer.status, answer.headers, answer, timeouts.idle_s, ends_at)
                 assert self._httpx is not None

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import httpx
 
+from gateway.h1 import RequestBody
 from gateway.snapshot import ResolvedTimeouts
 from gateway.upstream import Prepared, UpstreamFault, errno_words
 
@@ -66,7 +67,8 @@ class HttpxSender:
     async def aclose(self) -> None:
         await self._transport.aclose()
 
-    async def send(self, prepared: Prepared, timeouts: ResolvedTimeouts, body: bytes) -> tuple[int, Mapping[str, str], HttpxBody]:
+    async def send(self, prepared: Prepared, timeouts: ResolvedTimeouts, body: RequestBody) -> tuple[int, Mapping[str, str], HttpxBody]:
+        body = body if isinstance(body, bytes) else b"".join(body)
         timeout = {"connect": timeouts.connect_s, "read": None, "write": timeouts.total_s, "pool": timeouts.connect_s}
         headers = [*prepared.headers, (b"content-length", str(len(body)).encode())]
         request = httpx.Request("POST", prepared.url, headers=headers, content=body, extensions={"timeout": timeout})

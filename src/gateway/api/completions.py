@@ -40,7 +40,7 @@ from gateway.metrics import Metrics
 from gateway.relay import StreamRelay, relay_stream
 from gateway.reload import SnapshotHolder
 from gateway.routing import plan_attempts
-from gateway.shaping import client_body
+from gateway.shaping import SPLICE_MIN_BYTES, client_body
 
 log = logging.getLogger("gateway.completions")
 
@@ -82,7 +82,9 @@ class CompletionService:
                 body = _decode(raw)
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings raise the latter
                 raise GatewayError("invalid_json", f"The body is not valid JSON: {exc}.") from None
-            del raw  # the decoded body is all that is needed now: a 20 MB image is not held twice
+            # Only a large chat body is worth keeping, to splice `model` into (shaping.upstream_body).
+            kept = raw if translate is None and len(raw) >= SPLICE_MIN_BYTES else None
+            del raw
             if translate is not None:
                 body, relocate = translate(body)
             facts = inspect_request(body)
@@ -95,9 +97,9 @@ class CompletionService:
             ticket = await self.admission.admit(identity, alias, facts)
             async with cancelled_on_disconnect(receive):
                 if facts.stream:
-                    await self._stream(send, alias, targets, body, ticket)
+                    await self._stream(send, alias, targets, body, kept, ticket)
                 else:
-                    await self._complete(send, alias, targets, body, ticket)
+                    await self._complete(send, alias, targets, body, kept, ticket)
             return
         except GatewayError as error:
             if error.at is not None:
@@ -119,9 +121,9 @@ class CompletionService:
         except ClientGone:
             pass  # nobody left to tell
 
-    async def _complete(self, send: Any, alias: Any, targets: Any, body: Any, ticket: Ticket) -> None:
+    async def _complete(self, send: Any, alias: Any, targets: Any, body: Any, raw: Any, ticket: Ticket) -> None:
         try:
-            served = await self.dispatcher.complete(alias, targets, body)
+            served = await self.dispatcher.complete(alias, targets, body, raw)
         except BaseException:
             ticket.settle(None)
             raise
@@ -132,9 +134,9 @@ class CompletionService:
         headers = [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts), *ticket.headers]
         await send_bytes(send, 200, out, headers)
 
-    async def _stream(self, send: Any, alias: Any, targets: Any, body: Any, ticket: Ticket) -> None:
+    async def _stream(self, send: Any, alias: Any, targets: Any, body: Any, raw: Any, ticket: Ticket) -> None:
         try:
-            start = await self.dispatcher.open_stream(alias, targets, body)
+            start = await self.dispatcher.open_stream(alias, targets, body, raw)
         except BaseException:
             ticket.settle(None)
             raise
