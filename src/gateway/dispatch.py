@@ -268,7 +268,7 @@ class Dispatcher:
                 # Cancelled (the client left): no verdict on the target.
                 self._health.released(target.key)
                 raise
-            reason = scrub(verdict.reason, target.secrets)
+            reason = scrub(verdict.reason, target.secrets) if verdict.reason else ""
             attempts.append(Attempt(target.alias, target.backend_name, verdict.outcome, reason, time.monotonic() - started))
             self._judge(routing, target, verdict, reason)
             if verdict.action == OK:

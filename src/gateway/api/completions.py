@@ -70,6 +70,8 @@ class CompletionService:
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any, translate: Translator | None = None) -> None:
         relocate: Callable[[Location], Location | None] = lambda at: at
         alias_name = "-"
+        named = scope.get("gateway_request_id")
+        id_header: Headers = [(b"x-request-id", named.encode("latin-1"))] if named else []
         try:
             if scope.get("method") != "POST":
                 raise GatewayError("method_not_allowed", f"{scope.get('path')} takes POST.")
@@ -97,31 +99,31 @@ class CompletionService:
             ticket = await self.admission.admit(identity, alias, facts)
             async with cancelled_on_disconnect(receive):
                 if facts.stream:
-                    await self._stream(send, alias, targets, body, kept, ticket)
+                    await self._stream(send, alias, targets, body, kept, ticket, id_header)
                 else:
-                    await self._complete(send, alias, targets, body, kept, ticket)
+                    await self._complete(send, alias, targets, body, kept, ticket, id_header)
             return
         except GatewayError as error:
             if error.at is not None:
                 error = error.relocated(relocate(error.at))
             self.metrics.inc("gateway_requests_total", alias=alias_name, status=str(error.status))
-            await self._send_error(send, error)
+            await self._send_error(send, error, id_header)
         except ClientGone:
             self.metrics.inc("gateway_requests_total", alias=alias_name, status="499")
         except Exception:
             rid = request_id(scope)
             log.exception("unexpected fault in request %s", rid)
             self.metrics.inc("gateway_requests_total", alias=alias_name, status="500")
-            await self._send_error(send, GatewayError("internal_error", f"An unexpected fault in the gateway (request id {rid})."))
+            await self._send_error(send, GatewayError("internal_error", f"An unexpected fault in the gateway (request id {rid})."), id_header)
 
     @staticmethod
-    async def _send_error(send: Any, error: GatewayError) -> None:
+    async def _send_error(send: Any, error: GatewayError, extra: Headers) -> None:
         try:
-            await send_error(send, error)
+            await send_error(send, error, extra)
         except ClientGone:
             pass  # nobody left to tell
 
-    async def _complete(self, send: Any, alias: Any, targets: Any, body: Any, raw: Any, ticket: Ticket) -> None:
+    async def _complete(self, send: Any, alias: Any, targets: Any, body: Any, raw: Any, ticket: Ticket, extra: Headers) -> None:
         try:
             served = await self.dispatcher.complete(alias, targets, body, raw)
         except BaseException:
@@ -131,10 +133,10 @@ class CompletionService:
         ticket.settle(usage if isinstance(usage, dict) else None)
         self._count(alias.name, served.target, served.attempts, usage)
         out = client_body(served.answer, served.target.alias)
-        headers = [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts), *ticket.headers]
+        headers = [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts), *ticket.headers, *extra]
         await send_bytes(send, 200, out, headers)
 
-    async def _stream(self, send: Any, alias: Any, targets: Any, body: Any, raw: Any, ticket: Ticket) -> None:
+    async def _stream(self, send: Any, alias: Any, targets: Any, body: Any, raw: Any, ticket: Ticket, extra: Headers) -> None:
         try:
             start = await self.dispatcher.open_stream(alias, targets, body, raw)
         except BaseException:
@@ -148,7 +150,7 @@ class CompletionService:
             expect_usage=isinstance(options, dict) and options.get("include_usage") is True,
         )
         try:
-            headers = [*served_headers(served_alias, start.attempts), *ticket.headers]
+            headers = [*served_headers(served_alias, start.attempts), *ticket.headers, *extra]
             await send_stream(send, relay_stream(start, relay), headers)
         finally:
             await start.aclose()

@@ -133,7 +133,10 @@ async def send_stream(send: Any, events: AsyncGenerator[bytes, None], headers: H
     async with contextlib.aclosing(events):
         await _send_or_gone(send, {"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
         async for event in events:
-            await _send_or_gone(send, {"type": "http.response.body", "body": event, "more_body": True})
+            try:  # _send_or_gone inlined: this runs for every chunk
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            except (OSError, RuntimeError) as exc:
+                raise ClientGone(str(exc)) from exc
         await _send_or_gone(send, {"type": "http.response.body", "body": b"", "more_body": False})
 
 
