@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any
 
 from gateway.errors import GatewayError
@@ -140,39 +140,78 @@ async def send_stream(send: Any, events: AsyncGenerator[bytes, None], headers: H
         await _send_or_gone(send, {"type": "http.response.body", "body": b"", "more_body": False})
 
 
-@contextlib.asynccontextmanager
-async def cancelled_on_disconnect(receive: Any) -> AsyncIterator[None]:
+class cancelled_on_disconnect:  # a class named as the function it replaced: ``async with cancelled_on_disconnect(receive)``
     """Cancel the current task when the client disconnects; the body must already be read.
 
     Everything inside (waiting for the upstream, backoff sleeps, relaying a
     stream) is cancelled at once, and each ``finally`` on the way out closes what
     it opened: that is what closes the upstream connection. The block then ends
     quietly: there is nobody left to answer.
-    """
-    task = asyncio.current_task()
-    assert task is not None
-    disconnected = False
 
-    async def watch() -> None:
-        nonlocal disconnected
+    Under granian ``receive()`` returns a future: a done-callback watches it, so
+    a request costs no watcher task (a task per request measured ~4% of the CPU
+    of a small request). Other servers' coroutines get a task.
+    """
+
+    __slots__ = ("_disconnected", "_pending", "_receive", "_task", "_watcher")
+
+    def __init__(self, receive: Any) -> None:
+        self._receive = receive
+        self._task: asyncio.Task[Any] | None = None
+        self._pending: Any = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._disconnected = False
+
+    async def __aenter__(self) -> None:
+        self._task = asyncio.current_task()
+        assert self._task is not None
+        self._listen()
+
+    def _listen(self) -> None:
+        if not asyncio.iscoroutinefunction(self._receive):
+            awaitable = self._receive()
+            if asyncio.isfuture(awaitable):
+                self._pending = awaitable
+                awaitable.add_done_callback(self._on_message)
+                return
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()  # not started, so nothing lost: the task below listens instead
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    def _on_message(self, future: Any) -> None:
+        if future is not self._pending or future.cancelled():
+            return  # the block has ended
         try:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    break
+            message = future.result()
         except Exception as exc:  # noqa: BLE001 - a broken receive channel means the client is gone too
             log.debug("receive() failed, taking the client as gone: %r", exc)
-        disconnected = True
-        task.cancel()
+            message = {"type": "http.disconnect"}
+        if message.get("type") == "http.disconnect":
+            self._gone()
+        else:
+            self._listen()
 
-    watcher = asyncio.create_task(watch())
-    try:
-        yield
-    except asyncio.CancelledError:
-        if disconnected and task.uncancel() == 0:
-            return  # the client is gone: nothing to answer, and the upstream is already closed
-        raise
-    except ClientGone:
-        return
-    finally:
-        watcher.cancel()
+    async def _watch(self) -> None:
+        try:
+            while (await self._receive())["type"] != "http.disconnect":
+                pass
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.debug("receive() failed, taking the client as gone: %r", exc)
+        self._gone()
+
+    def _gone(self) -> None:
+        self._disconnected = True
+        assert self._task is not None
+        self._task.cancel()
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> bool:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if kind is not None and issubclass(kind, asyncio.CancelledError):
+            assert self._task is not None
+            # The client is gone: nothing to answer, and the upstream is already closed.
+            return self._disconnected and self._task.uncancel() == 0
+        return kind is not None and issubclass(kind, ClientGone)
