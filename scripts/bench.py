@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The gateway's own benchmark: what the gateway adds on top of a direct call.
 
-Usage: ``.venv/bin/python scripts/bench.py [--duration 10] [--workers 2] [--smoke] [--json PATH]``
+Usage: ``.venv/bin/python scripts/bench.py [--duration 10] [--workers 2] [--scale 2000] [--smoke] [--json PATH]``
 
 How it works:
 
@@ -65,6 +65,7 @@ CHAT_PATH = "/v1/chat/completions"
 API_KEY = "sk-bench"
 MODEL = "bench-model"
 SLOW_MODEL = "bench-model-slow"
+IDLE_MODEL = "bench-model-idle"
 
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 8.0
@@ -85,6 +86,11 @@ class Shape:
     slow_interval_ms: float = 50.0
     image_conc: int = 4
     image_mb: float = 4.0
+    # --scale N: N concurrent streams that are mostly idle (a chunk a second), for
+    # "does one worker hold them" and the memory each open stream costs. 0: skipped.
+    scale_conc: int = 0
+    scale_chunks: int = 5
+    scale_interval_ms: float = 1000.0
 
 
 @dataclass(frozen=True)
@@ -292,10 +298,18 @@ max_image_bytes = {image_limit}
 [models."{SLOW_MODEL}"]
 backend = "bench"
 model = "{slow_upstream_model}"
+
+[models."{IDLE_MODEL}"]
+backend = "bench"
+model = "{idle_upstream_model(shape)}"
 """
     path = workdir / "models.toml"
     path.write_text(text)
     return path
+
+
+def idle_upstream_model(shape: Shape) -> str:
+    return f"{MODEL}@{shape.scale_chunks}x{shape.scale_interval_ms:g}"
 
 
 def start_gateway(workdir: Path, config: Path, settings: Settings) -> tuple[Child, int]:
@@ -338,6 +352,7 @@ class Bodies:
     small: bytes
     stream: bytes
     slow: bytes
+    idle: bytes
     image: bytes
 
 
@@ -345,7 +360,7 @@ def _encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def make_bodies(model: str, slow_model: str, image_uri: str) -> Bodies:
+def make_bodies(model: str, slow_model: str, idle_model: str, image_uri: str) -> Bodies:
     messages = [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Say hello in one short sentence."},
@@ -361,6 +376,7 @@ def make_bodies(model: str, slow_model: str, image_uri: str) -> Bodies:
         small=_encode(small),
         stream=_encode({**small, **stream_extra}),
         slow=_encode({**small, "model": slow_model, **stream_extra}),
+        idle=_encode({**small, "model": idle_model, **stream_extra}),
         image=_encode(image),
     )
 
@@ -639,6 +655,7 @@ class RssSampler(threading.Thread):
 def measure_gateway(gateway: Child, phase: Callable[[], LoadResult]) -> LoadResult:
     """Run ``phase`` against the gateway and add the gateway's CPU time and peak RSS to its result."""
     pids = gateway.pids()
+    rss_before_kib = memory_kib(pids, "VmRSS")
     reset_peak_rss(pids)
     cpu_before = cpu_seconds(pids)
     sampler = RssSampler(gateway)
@@ -658,6 +675,7 @@ def measure_gateway(gateway: Child, phase: Callable[[], LoadResult]) -> LoadResu
         "cpu_pct": 100 * cpu_s / wall_s,
         "cpu_us_per_request": 1e6 * cpu_s / result.requests if result.requests else math.nan,
         "peak_rss_mib": peak_kib / 1024,
+        "rss_before_mib": rss_before_kib / 1024,
         "alive": float(gateway.alive()),
     }
     return result
@@ -687,6 +705,12 @@ def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
     stream_cap = max(shape.stream_conc, int(1000 * duration_s))
     slow_cap = max(shape.slow_conc, int(shape.slow_conc * (duration_s + 2)))
     image_cap = max(shape.image_conc, int(2000 * duration_s))
+    scale_cap = int(shape.scale_conc * (duration_s + 2))
+    scale = Phase(
+        "scale",
+        f"{shape.scale_conc} open streams",
+        lambda t: run_streams(t.url, t.bodies.idle, shape.scale_conc, duration_s, scale_cap, shape.scale_chunks),
+    )
     return [
         Phase("small_c1", f"small, c={c1}", lambda t: plain.run(t.url, t.bodies.small, c1, duration_s, cap)),
         Phase("small_c64", f"small, c={c64}", lambda t: plain.run(t.url, t.bodies.small, c64, duration_s, cap)),
@@ -707,7 +731,7 @@ def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
             f"{shape.image_mb:g} MB image, c={shape.image_conc}",
             lambda t: plain.run(t.url, t.bodies.image, shape.image_conc, duration_s, image_cap),
         ),
-    ]
+    ] + ([scale] if shape.scale_conc else [])
 
 
 def warm_up(target: Target, settings: Settings, plain: PlainLoad) -> None:
@@ -805,7 +829,7 @@ def figures(results: dict[str, dict[str, LoadResult]], shape: Shape) -> list[Fig
     streams = f"{shape.stream_conc} streams ({shape.stream_chunks} chunks {shape.stream_interval_ms:g} ms apart)"
     slow = f"{shape.slow_conc} streams ({shape.slow_chunks} chunks {shape.slow_interval_ms:g} ms apart)"
     image = f"{shape.image_mb:g} MB PNG image_url, c={shape.image_conc}"
-    return [
+    rows = [
         Figure(f"small, c={c1}: p50 latency (ms)", d1.p50, g1.p50, "added"),
         Figure(f"small, c={c64}: req/s", d64.rate, g64.rate, "ratio", 0),
         Figure(
@@ -818,6 +842,17 @@ def figures(results: dict[str, dict[str, LoadResult]], shape: Shape) -> list[Fig
         Figure(f"{image}: p50 latency (ms)", di.p50, gi.p50, "added", 1),
         Figure(f"{image}: gateway peak RSS (MiB)", math.nan, gi.gateway["peak_rss_mib"], "gateway", 0),
     ]
+    if "scale" in results:
+        dn, gn = pair("scale")
+        opened = f"{shape.scale_conc} open streams ({shape.scale_chunks} chunks {shape.scale_interval_ms:g} ms apart)"
+        # The peak over the phase, less the worker's RSS before it, shared out over the open streams.
+        per_stream_kib = (gn.gateway["peak_rss_mib"] - gn.gateway["rss_before_mib"]) * 1024 / shape.scale_conc
+        rows += [
+            Figure(f"{opened}: streams/s", dn.rate, gn.rate, "ratio", 1),
+            Figure(f"{opened}: first byte p50 (ms)", dn.ttfb_p50, gn.ttfb_p50, "added"),
+            Figure(f"{opened}: gateway memory per open stream (KiB)", math.nan, per_stream_kib, "gateway", 0),
+        ]
+    return rows
 
 
 def render(rows: list[Figure], results: dict[str, dict[str, LoadResult]], meta: dict[str, Any]) -> str:
@@ -878,12 +913,17 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         help="command that runs the gateway CLI (default: this python -m gateway)",
     )
     parser.add_argument("--no-wrk", action="store_true", help="use the python client even when wrk is installed")
+    parser.add_argument(
+        "--scale", type=int, default=0, metavar="N",
+        help="also hold N concurrent, mostly idle streams (a chunk a second; 2000 for the scale figure)",
+    )
     args = parser.parse_args(argv)
     gateway_cmd = tuple(shlex.split(args.gateway_cmd)) if args.gateway_cmd else (sys.executable, "-m", "gateway")
     if args.smoke:
-        settings = Settings(1.0, 0.3, 2_000, args.workers, gateway_cmd, True)
+        shape = Shape(scale_conc=args.scale, scale_chunks=2, scale_interval_ms=200)
+        settings = Settings(1.0, 0.3, 2_000, args.workers, gateway_cmd, True, shape)
     else:
-        settings = Settings(args.duration, 2.0, 200_000, args.workers, gateway_cmd, False)
+        settings = Settings(args.duration, 2.0, 200_000, args.workers, gateway_cmd, False, Shape(scale_conc=args.scale))
     return settings, args
 
 
@@ -915,8 +955,8 @@ def run(settings: Settings, args: argparse.Namespace, workdir: Path, started: li
 
     upstream_url = f"http://{HOST}:{upstream_port}"
     slow_upstream_model = f"{MODEL}@{shape.slow_chunks}x{shape.slow_interval_ms:g}"
-    direct = Target("direct", upstream_url + CHAT_PATH, make_bodies(MODEL, slow_upstream_model, uri))
-    gateway = Target("gateway", f"http://{HOST}:{gateway_port}{CHAT_PATH}", make_bodies(MODEL, SLOW_MODEL, uri))
+    direct = Target("direct", upstream_url + CHAT_PATH, make_bodies(MODEL, slow_upstream_model, idle_upstream_model(shape), uri))
+    gateway = Target("gateway", f"http://{HOST}:{gateway_port}{CHAT_PATH}", make_bodies(MODEL, SLOW_MODEL, IDLE_MODEL, uri))
     check_end_to_end(gateway, upstream_url, shape)
     for target in (direct, gateway):
         warm_up(target, settings, plain)
@@ -939,8 +979,22 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def raise_open_files_limit() -> None:
+    """Thousands of streams need thousands of sockets here and in the upstream (which inherits this)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     settings, args = parse_args(argv)
+    raise_open_files_limit()
     started: list[Child] = []
     # SIGTERM takes the same way out as Ctrl-C, through the finally below.
     signal.signal(signal.SIGTERM, _interrupt)

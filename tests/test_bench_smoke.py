@@ -26,6 +26,9 @@ FIGURE_ROWS = [
     (r"200 streams \([^|]*\): first byte p50 \(ms\)", True),
     (r"4 MB PNG image_url, c=4: p50 latency \(ms\)", True),
     (r"4 MB PNG image_url, c=4: gateway peak RSS \(MiB\)", False),
+    (r"40 open streams \([^|]*\): streams/s", True),
+    (r"40 open streams \([^|]*\): first byte p50 \(ms\)", True),
+    (r"40 open streams \([^|]*\): gateway memory per open stream \(KiB\)", False),
 ]
 
 
@@ -35,7 +38,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     # The venv's bin first on PATH, as `.venv/bin/python scripts/bench.py` would have it.
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     done = subprocess.run(
-        [sys.executable, str(BENCH_SCRIPT), "--smoke", "--json", str(json_path)],
+        [sys.executable, str(BENCH_SCRIPT), "--smoke", "--scale", "40", "--json", str(json_path)],
         check=False,
         cwd=REPO_ROOT,
         env=env,
@@ -75,4 +78,4 @@ def test_json_holds_every_figure(smoke_run: tuple[subprocess.CompletedProcess[st
     document = json.loads(json_path.read_text())
     assert len(document["figures"]) == len(FIGURE_ROWS)
     assert all(isinstance(figure["gateway"], (int, float)) for figure in document["figures"])
-    assert set(document["phases"]) == {"small_c1", "small_c64", "streams", "slow_streams", "image"}
+    assert set(document["phases"]) == {"small_c1", "small_c64", "streams", "slow_streams", "image", "scale"}
