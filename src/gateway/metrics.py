@@ -25,14 +25,18 @@ class Metrics:
         }
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        self.counters[name][tuple(sorted(labels.items()))] += amount
+        # Labels in the caller's order: sorting them here cost every request; render() merges.
+        self.counters[name][tuple(labels.items())] += amount
 
     def render(self) -> str:
         lines: list[str] = []
         for name, series in self.counters.items():
             lines.append(f"# HELP {name} {HELP[name]}")
             lines.append(f"# TYPE {name} counter")
-            for labels, value in sorted(series.items()):
+            merged: defaultdict[tuple[tuple[str, str], ...], float] = defaultdict(float)
+            for labels, value in series.items():
+                merged[tuple(sorted(labels))] += value
+            for labels, value in sorted(merged.items()):
                 label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
                 lines.append(f"{name}{{{label_text}}} {value:g}" if label_text else f"{name} {value:g}")
         return "\n".join(lines) + "\n"
