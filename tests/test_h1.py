@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self
 
 import pytest
@@ -74,7 +75,10 @@ class Server:
         return body
 
 
-def ok(body: bytes = b'{"ok":true}', extra: bytes = b"") -> bytes:
+OK_BODY = b'{"ok":true}'
+
+
+def ok(body: bytes = OK_BODY, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
@@ -95,16 +99,38 @@ async def read_all(response: H1Response, timeout_s: float = 2) -> bytes:
     return b"".join(parts)
 
 
-async def answer_each_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-    while await server.read_request(reader) is not None:
-        writer.write(ok())
-        await writer.drain()
+def answering(answer: Callable[[bytes], bytes] = lambda body: ok(), *, once: bool = False, gate: asyncio.Event | None = None) -> Handler:
+    """A handler that writes ``answer(body)`` to each request (to the first only, with ``once``),
+    after ``gate`` is set when one is given."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while (body := await server.read_request(reader)) is not None:
+            if gate is not None:
+                await gate.wait()
+            writer.write(answer(body))
+            await writer.drain()
+            if once:
+                return
+
+    return handler
+
+
+answer_each_request = answering()
+
+
+@contextlib.asynccontextmanager
+async def pool_and_server(handler: Handler, **options: Any) -> AsyncIterator[tuple[H1Pool, Server]]:
+    async with Server(handler) as server:
+        pool = H1Pool(**options)
+        try:
+            yield pool, server
+        finally:
+            await pool.aclose()
 
 
 @in_loop
 async def test_a_connection_is_kept_alive_and_reused() -> None:
-    async with Server(answer_each_request) as server:
-        pool = H1Pool()
+    async with pool_and_server(answer_each_request) as (pool, server):
         for _ in range(5):
             response = await call(pool, server.origin)
             assert response.status == 200
@@ -112,21 +138,12 @@ async def test_a_connection_is_kept_alive_and_reused() -> None:
             assert await read_all(response) == b'{"ok":true}'
         assert server.connections == 1
         assert pool.open_connections == 1
-        await pool.aclose()
 
 
 @in_loop
 async def test_concurrent_requests_open_connections_up_to_the_limit_then_queue() -> None:
     release = asyncio.Event()
-
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while await server.read_request(reader) is not None:
-            await release.wait()
-            writer.write(ok())
-            await writer.drain()
-
-    async with Server(slow) as server:
-        pool = H1Pool(max_connections=2)
+    async with pool_and_server(answering(gate=release), max_connections=2) as (pool, server):
 
         async def one() -> bytes:
             return await read_all(await call(pool, server.origin))
@@ -137,21 +154,12 @@ async def test_concurrent_requests_open_connections_up_to_the_limit_then_queue()
         release.set()
         assert await asyncio.gather(*calls) == [b'{"ok":true}'] * 5
         assert server.connections == 2
-        await pool.aclose()
 
 
 @in_loop
 async def test_a_caller_cancelled_while_queued_for_a_slot_leaks_nothing() -> None:
     release = asyncio.Event()
-
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while await server.read_request(reader) is not None:
-            await release.wait()
-            writer.write(ok())
-            await writer.drain()
-
-    async with Server(slow) as server:
-        pool = H1Pool(max_connections=1)
+    async with pool_and_server(answering(gate=release), max_connections=1) as (pool, server):
         first = asyncio.create_task(call(pool, server.origin))
         await asyncio.sleep(0.05)
         queued = asyncio.create_task(call(pool, server.origin))
@@ -163,24 +171,17 @@ async def test_a_caller_cancelled_while_queued_for_a_slot_leaks_nothing() -> Non
         assert await read_all(await first) == b'{"ok":true}'
         assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
         assert pool.open_connections == 1
-        await pool.aclose()
 
 
 @in_loop
 async def test_waiting_for_a_slot_is_bounded_by_the_connect_timeout() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await server.read_request(reader)
-        await asyncio.sleep(5)
-
-    async with Server(silent) as server:
-        pool = H1Pool(max_connections=1)
+    async with pool_and_server(answering(gate=asyncio.Event()), max_connections=1) as (pool, server):
         held = asyncio.create_task(call(pool, server.origin))
         await asyncio.sleep(0.05)
         with pytest.raises(H1Error) as caught:
             await pool.send(server.origin, head_for(server.origin, b"{}"), b"{}", connect_timeout_s=0.1)
         assert caught.value.kind == "connect_timeout"
         held.cancel()
-        await pool.aclose()
 
 
 @in_loop
@@ -195,106 +196,62 @@ async def test_chunked_and_split_bodies_arrive_whole() -> None:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
 
-    async with Server(chunked) as server:
-        pool = H1Pool()
+    async with pool_and_server(chunked) as (pool, server):
         for _ in range(2):
             response = await call(pool, server.origin)
             assert await read_all(response) == b"data: one\n\ndata: two\n\ndata: [DONE]\n\n"
         assert server.connections == 1
-        await pool.aclose()
 
 
+@pytest.mark.parametrize(
+    ("answer", "connections"),
+    [
+        # No length and no chunks: the body ends with the connection, which cannot be reused.
+        (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n" + OK_BODY, 2),
+        (ok(extra=b"connection: close\r\n"), 2),
+        # Keep-alive implied, and the server closes anyway once idle: not reused either.
+        (ok(), 2),
+    ],
+    ids=["until EOF", "connection: close", "closed when idle"],
+)
 @in_loop
-async def test_a_body_without_length_ends_with_the_connection_which_is_not_reused() -> None:
-    async def until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it")
-        await writer.drain()
-
-    async with Server(until_eof) as server:
-        pool = H1Pool()
-        assert await read_all(await call(pool, server.origin)) == b"all of it"
-        assert await read_all(await call(pool, server.origin)) == b"all of it"
-        assert server.connections == 2
-        await pool.aclose()
-
-
-@in_loop
-async def test_connection_close_is_honoured() -> None:
-    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await server.read_request(reader)
-        writer.write(ok(extra=b"connection: close\r\n"))
-        await writer.drain()
-        await asyncio.sleep(0.2)  # the client must not wait for this close to reuse anything
-
-    async with Server(closing) as server:
-        pool = H1Pool()
+async def test_a_connection_the_server_ends_is_not_reused(answer: bytes, connections: int) -> None:
+    async with pool_and_server(answering(lambda body: answer, once=True)) as (pool, server):
         for _ in range(2):
-            assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
-        assert server.connections == 2
-        await pool.aclose()
-
-
-@in_loop
-async def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
-    async def one_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await server.read_request(reader)
-        writer.write(ok())  # keep-alive is implied, and then the server closes anyway
-        await writer.drain()
-
-    async with Server(one_then_close) as server:
-        pool = H1Pool()
-        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
-        await asyncio.sleep(0.1)
-        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
-        assert server.connections == 2
-        await asyncio.sleep(0.1)
-        assert pool.open_connections == 0  # both closed by the server: their slots are free
-        await pool.aclose()
+            assert await read_all(await call(pool, server.origin)) == OK_BODY
+            await asyncio.sleep(0.05)
+        assert server.connections == connections
+        await asyncio.sleep(0.05)
+        assert pool.open_connections == 0  # their slots are free
 
 
 @in_loop
 async def test_idle_connections_expire() -> None:
-    async with Server(answer_each_request) as server:
-        pool = H1Pool(keepalive_s=0.05)
-        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
+    async with pool_and_server(answer_each_request, keepalive_s=0.05) as (pool, server):
+        assert await read_all(await call(pool, server.origin)) == OK_BODY
         await asyncio.sleep(0.1)
-        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
+        assert await read_all(await call(pool, server.origin)) == OK_BODY
         assert server.connections == 2
-        await pool.aclose()
 
 
 @in_loop
 async def test_an_interim_answer_is_skipped() -> None:
-    async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while await server.read_request(reader) is not None:
-            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n" + ok())
-            await writer.drain()
-
-    async with Server(early_hints) as server:
-        pool = H1Pool()
+    early_hints = answering(lambda body: b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n" + ok())
+    async with pool_and_server(early_hints) as (pool, server):
         response = await call(pool, server.origin)
         assert response.status == 200
         assert "link" not in response.headers
-        assert await read_all(response) == b'{"ok":true}'
-        assert await read_all(await call(pool, server.origin)) == b'{"ok":true}'
+        assert await read_all(response) == OK_BODY
+        assert await read_all(await call(pool, server.origin)) == OK_BODY
         assert server.connections == 1
-        await pool.aclose()
 
 
 @in_loop
 async def test_repeated_headers_are_joined() -> None:
-    async def repeated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await server.read_request(reader)
-        writer.write(ok(extra=b"X-Thing: a\r\nx-thing: b\r\n"))
-        await writer.drain()
-
-    async with Server(repeated) as server:
-        pool = H1Pool()
+    async with pool_and_server(answering(lambda body: ok(extra=b"X-Thing: a\r\nx-thing: b\r\n"))) as (pool, server):
         response = await call(pool, server.origin)
         assert response.headers["x-thing"] == "a, b"
         await read_all(response)
-        await pool.aclose()
 
 
 @pytest.mark.parametrize(
@@ -308,13 +265,7 @@ async def test_repeated_headers_are_joined() -> None:
 )
 @in_loop
 async def test_broken_answers_fail_with_a_kind(answer: bytes, kind: str, partial: bool) -> None:
-    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await server.read_request(reader)
-        writer.write(answer)
-        await writer.drain()
-
-    async with Server(broken) as server:
-        pool = H1Pool()
+    async with pool_and_server(answering(lambda body: answer, once=True)) as (pool, server):
         with pytest.raises(H1Error) as caught:
             response = await call(pool, server.origin)
             await read_all(response)
@@ -322,7 +273,6 @@ async def test_broken_answers_fail_with_a_kind(answer: bytes, kind: str, partial
         assert "127.0.0.1" not in str(caught.value)
         await asyncio.sleep(0.05)
         assert pool.open_connections == 0
-        await pool.aclose()
 
 
 @in_loop
@@ -348,24 +298,21 @@ async def test_closing_an_unfinished_answer_aborts_its_connection() -> None:
             await writer.drain()
             await asyncio.sleep(0.01)
 
-    async with Server(endless) as server:
-        pool = H1Pool()
+    async with pool_and_server(endless) as (pool, server):
         response = await call(pool, server.origin)
         assert await response.next_chunk(2)
         response.close()
         await asyncio.sleep(0.1)
         assert pool.open_connections == 0
-        await pool.aclose()
 
 
 @in_loop
 async def test_a_caller_cancelled_before_the_answer_aborts_the_request() -> None:
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+    async def unanswered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
         await server.read_request(reader)  # sees the client's close
 
-    async with Server(slow) as server:
-        pool = H1Pool()
+    async with pool_and_server(unanswered) as (pool, server):
         pending = asyncio.create_task(call(pool, server.origin))
         await asyncio.sleep(0.05)
         pending.cancel()
@@ -373,18 +320,11 @@ async def test_a_caller_cancelled_before_the_answer_aborts_the_request() -> None
             await pending
         await asyncio.wait_for(server.closed_by_client.wait(), 2)
         assert pool.open_connections == 0
-        await pool.aclose()
 
 
 @in_loop
 async def test_a_silent_body_times_out_and_the_connection_is_not_reused() -> None:
-    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while await server.read_request(reader) is not None:
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
-            await writer.drain()
-
-    async with Server(stalls) as server:
-        pool = H1Pool()
+    async with pool_and_server(answering(lambda body: b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")) as (pool, server):
         response = await call(pool, server.origin)
         assert await response.next_chunk(1) == b"half"
         with pytest.raises(TimeoutError):
@@ -392,40 +332,24 @@ async def test_a_silent_body_times_out_and_the_connection_is_not_reused() -> Non
         response.close()
         await asyncio.sleep(0.05)
         assert pool.open_connections == 0
-        await pool.aclose()
 
 
 @in_loop
 async def test_large_bodies_both_ways_arrive_intact_with_reading_paused_between() -> None:
     payload = bytes(range(256)) * (12 * 1024)  # 3 MiB: over JOIN_LIMIT and BUFFER_BYTES
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while (body := await server.read_request(reader)) is not None:
-            writer.write(ok(body))
-            await writer.drain()
-
-    async with Server(echo) as server:
-        pool = H1Pool()
+    async with pool_and_server(answering(ok)) as (pool, server):
         for _ in range(2):
             response = await call(pool, server.origin, payload)
             await asyncio.sleep(0.2)  # let the socket fill our buffer and reading pause
             assert await read_all(response) == payload
         assert server.bodies == [payload, payload]
         assert server.connections == 1  # reading resumed: the connection was reusable
-        await pool.aclose()
 
 
 @in_loop
 async def test_a_released_connection_of_another_origin_is_closed_to_make_room() -> None:
     release = asyncio.Event()
-
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while await server.read_request(reader) is not None:
-            await release.wait()
-            writer.write(ok())
-            await writer.drain()
-
-    async with Server(slow) as first, Server(answer_each_request) as second:
+    async with Server(answering(gate=release)) as first, Server(answer_each_request) as second:
         pool = H1Pool(max_connections=1)
         held = asyncio.create_task(call(pool, first.origin))
         await asyncio.sleep(0.05)
@@ -433,8 +357,8 @@ async def test_a_released_connection_of_another_origin_is_closed_to_make_room() 
         await asyncio.sleep(0.05)
         assert not other.done()
         release.set()
-        assert await read_all(await held) == b'{"ok":true}'
-        assert await read_all(await other) == b'{"ok":true}'
+        assert await read_all(await held) == OK_BODY
+        assert await read_all(await other) == OK_BODY
         assert (first.connections, second.connections, pool.open_connections) == (1, 1, 1)
         await pool.aclose()
 
@@ -447,9 +371,9 @@ async def test_https_origins_are_reached_over_verified_tls() -> None:
     authority.issue_cert("127.0.0.1").configure_cert(server_context)
     client_context = ssl.create_default_context()
     authority.configure_trust(client_context)
+    helper = Server(answer_each_request)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        helper = Server(answer_each_request)
         try:
             await answer_each_request(reader, writer, helper)
         finally:
@@ -460,7 +384,7 @@ async def test_https_origins_are_reached_over_verified_tls() -> None:
     try:
         pool = H1Pool(ssl_context=client_context)
         for _ in range(2):
-            assert await read_all(await call(pool, origin)) == b'{"ok":true}'
+            assert await read_all(await call(pool, origin)) == OK_BODY
         assert pool.open_connections == 1
         await pool.aclose()
 
@@ -480,16 +404,8 @@ async def test_a_body_in_pieces_arrives_as_one() -> None:
     view = memoryview(payload)
     pieces = (view[:1000], b'"spliced"', view[1000:])
     joined = b"".join(pieces)
-
-    async def echo_length(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while (body := await server.read_request(reader)) is not None:
-            writer.write(ok(str(len(body)).encode()))
-            await writer.drain()
-
-    async with Server(echo_length) as server:
-        pool = H1Pool()
+    async with pool_and_server(answering(lambda body: ok(str(len(body)).encode()))) as (pool, server):
         head = request_head("POST", "/", [("host", "x")]) + b"content-length: %d\r\n\r\n" % body_length(pieces)
         response = await pool.send(server.origin, head, pieces, connect_timeout_s=2)
         assert await read_all(response) == str(len(joined)).encode()
         assert server.bodies == [joined]
-        await pool.aclose()
