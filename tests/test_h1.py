@@ -260,8 +260,9 @@ async def test_repeated_headers_are_joined() -> None:
         (b"", "closed", False),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this", "closed", True),
         (b"SMTP ready\r\n\r\n", "protocol", True),
+        (b"HTTP/1.1 200 OK\r\n" + b"x-filler: %s\r\n" % (b"f" * 1000) * 80 + b"content-length: 0\r\n\r\n", "protocol", True),
     ],
-    ids=["closed before the answer", "cut mid-body", "not HTTP"],
+    ids=["closed before the answer", "cut mid-body", "not HTTP", "endless headers"],
 )
 @in_loop
 async def test_broken_answers_fail_with_a_kind(answer: bytes, kind: str, partial: bool) -> None:

@@ -40,6 +40,8 @@ import httptools
 
 # Unread body bytes held per answer before reading from the socket pauses.
 BUFFER_BYTES = 1 << 20
+# An answer whose headers pass this size is refused: a head is a few hundred bytes.
+MAX_HEAD_BYTES = 64 * 1024
 # A request up to this size goes out as one write: head and body joined.
 JOIN_LIMIT = 64 * 1024
 
@@ -168,6 +170,7 @@ class _Connection(asyncio.Protocol):
         self._response: H1Response | None = None
         self._status = 0
         self._headers: dict[str, str] = {}
+        self._head_bytes = 0
         self._body_until_eof = False
         self._received_any = False
         self._keep_alive = False
@@ -214,6 +217,10 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            # Raised out of feed_data by httptools, and handled there as not HTTP.
+            raise httptools.HttpParserError("the answer's headers are too large")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         previous = self._headers.get(key)
@@ -259,6 +266,7 @@ class _Connection(asyncio.Protocol):
         self._response = None
         self._status = 0
         self._headers = {}
+        self._head_bytes = 0
         self._received_any = False
         waiter = self._head_waiter = asyncio.get_running_loop().create_future()
         if not isinstance(body, bytes):
