@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import ssl
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self
 
@@ -410,3 +411,25 @@ async def test_a_body_in_pieces_arrives_as_one() -> None:
         response = await pool.send(server.origin, head, pieces, connect_timeout_s=2)
         assert await read_all(response) == str(len(joined)).encode()
         assert server.bodies == [joined]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@in_loop
+async def test_a_compressed_answer_is_decoded(encoding: str) -> None:
+    text = b'{"choices":[{"message":{"content":"' + b"squeeze " * 2000 + b'"}}]}'
+    packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    packed = packer.compress(text) + packer.flush()
+    extra = b"content-encoding: %s\r\n" % encoding.encode()
+    async with pool_and_server(answering(lambda body: ok(packed, extra=extra))) as (pool, server):
+        for _ in range(2):
+            assert await read_all(await call(pool, server.origin)) == text
+        assert server.connections == 1
+
+
+@in_loop
+async def test_an_encoding_it_cannot_decode_is_refused() -> None:
+    async with pool_and_server(answering(lambda body: ok(b"\x8b\x00", extra=b"content-encoding: br\r\n"))) as (pool, server):
+        with pytest.raises(H1Error) as caught:
+            await call(pool, server.origin)
+        assert caught.value.kind == "protocol"
+        assert "content-encoding (br)" in caught.value.detail

@@ -17,6 +17,8 @@ What it does, and no more:
   20 MB image body is not copied to prepend a head);
 - the answer's body is delivered as the socket yields it; reading pauses once
   ``BUFFER_BYTES`` are waiting unread, so a slow consumer is not a memory leak;
+- a body the upstream compressed although asked not to (gzip, deflate) is
+  decoded; another encoding is refused as a protocol error;
 - a connection goes back to its pool only after a complete answer that allows
   keep-alive; one closed before its answer was read is aborted, which is how an
   upstream learns that nobody is listening any more.
@@ -34,7 +36,8 @@ import os
 import socket
 import ssl
 import time
-from typing import NamedTuple
+import zlib
+from typing import Any, NamedTuple
 
 import httptools
 
@@ -150,6 +153,13 @@ class H1Response:
             waiter.set_result(None)
 
 
+_DECODERS: dict[str, Any] = {
+    "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+    "x-gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+    "deflate": lambda: zlib.decompressobj(),
+}
+
+
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -171,6 +181,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._headers: dict[str, str] = {}
         self._head_bytes = 0
+        self._decoder: Any = None  # a zlib decompressor when the body is gzip or deflate
         self._body_until_eof = False
         self._received_any = False
         self._keep_alive = False
@@ -196,9 +207,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        response = self._response
-        if response is not None and self._body_until_eof and self._status:
-            response._finish()  # a body without length or chunks ends with the connection
+        if self._response is not None and self._body_until_eof and self._status:
+            self._end_body()  # a body without length or chunks ends with the connection
         partial = self._received_any
         detail = "the answer was cut off" if partial else "the upstream closed the connection"
         self._fail(H1Error("closed", detail, partial=partial))
@@ -243,6 +253,13 @@ class _Connection(asyncio.Protocol):
             and status not in (204, 304)
         )
         self._keep_alive = self._parser.should_keep_alive() and not self._body_until_eof
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        # We ask for identity; an upstream that compresses anyway gets decoded, as clients do.
+        self._decoder = _DECODERS[encoding]() if encoding in _DECODERS else None
+        if self._decoder is None and encoding != "identity":
+            self._fail(H1Error("protocol", f"the answer's content-encoding ({encoding[:20]}) cannot be decoded", partial=True))
+            self._abort()
+            return
         response = self._response = H1Response(self, status, headers)
         waiter, self._head_waiter = self._head_waiter, None
         if waiter is not None and not waiter.done():
@@ -250,13 +267,23 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._response is not None:
-            self._response._feed(body)
+            if self._decoder is not None:
+                body = self._decoder.decompress(body)
+            if body:
+                self._response._feed(body)
 
     def on_message_complete(self) -> None:
         if self._status == 0:
             return  # the end of an interim answer
         self._keep_alive = self._keep_alive and self._parser.should_keep_alive()
+        self._end_body()
+
+    def _end_body(self) -> None:
         if self._response is not None:
+            if self._decoder is not None:
+                tail, self._decoder = self._decoder.flush(), None
+                if tail:
+                    self._response._feed(tail)
             self._response._finish()
 
     # used by the pool and the response
@@ -267,6 +294,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._headers = {}
         self._head_bytes = 0
+        self._decoder = None
         self._received_any = False
         waiter = self._head_waiter = asyncio.get_running_loop().create_future()
         if not isinstance(body, bytes):
