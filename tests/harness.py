@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -162,10 +162,9 @@ class ManagedProcess:
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> int | None:
         """SIGTERM the process group, wait up to `grace_s`, then SIGKILL it. Idempotent."""
-        if self._signal_group(signal.SIGTERM):
-            if not self._wait_group_gone(time.monotonic() + grace_s):
-                self._signal_group(signal.SIGKILL)
-                self._wait_group_gone(time.monotonic() + STOP_GRACE_S)
+        if self._signal_group(signal.SIGTERM) and not self._wait_group_gone(time.monotonic() + grace_s):
+            self._signal_group(signal.SIGKILL)
+            self._wait_group_gone(time.monotonic() + STOP_GRACE_S)
         try:
             self.process.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -182,7 +181,7 @@ class ManagedProcess:
             self._owned_log_dir.cleanup()
             self._owned_log_dir = None
 
-    def __enter__(self) -> ManagedProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -242,7 +241,7 @@ class StandIn:
         self._client.close()
         self.process.cleanup()
 
-    def __enter__(self) -> StandIn:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -286,7 +285,7 @@ class GatewayProcess:
         """SIGTERM the gateway's process group (workers included), SIGKILL after `grace_s`."""
         return self.process.stop(grace_s)
 
-    def __enter__(self) -> GatewayProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

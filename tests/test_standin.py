@@ -346,11 +346,14 @@ def test_stream_stall(standin: StandIn, model: str) -> None:
     """stream_stall sends k content chunks then goes silent; the client leaving is recorded with chunks_sent."""
     body = chat_body(model, stream=True, standin_step={"kind": "stream_stall", "after_chunks": 2, "stall_s": 30})
     payloads: list[str] = []
-    with local_client(timeout_s=0.4) as short_client, pytest.raises(httpx.ReadTimeout):
-        with short_client.stream("POST", f"{standin.base_url}/chat/completions", json=body) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    payloads.append(line[len("data: "):])
+    with (
+        local_client(timeout_s=0.4) as short_client,
+        pytest.raises(httpx.ReadTimeout),
+        short_client.stream("POST", f"{standin.base_url}/chat/completions", json=body) as response,
+    ):
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                payloads.append(line[len("data: "):])
     entry = assert_cancel_seen_within_a_second(standin, model, time.time())
     assert len(payloads) == 3
     assert entry["chunks_sent"] == 3
