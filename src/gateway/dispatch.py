@@ -418,8 +418,8 @@ class Dispatcher:
                 finished = chunk is None
                 for data in decoder.feed(chunk) if chunk is not None else decoder.finish():
                     held.append(data)
-                    if data is None:
-                        continue
+                    if data is None or (answering and has_image):
+                        continue  # past the first real chunk the relay reads the events, once
                     if data.strip() == DONE:
                         finished = True
                         break
