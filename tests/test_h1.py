@@ -433,3 +433,18 @@ async def test_an_encoding_it_cannot_decode_is_refused() -> None:
             await call(pool, server.origin)
         assert caught.value.kind == "protocol"
         assert "content-encoding (br)" in caught.value.detail
+
+
+@in_loop
+async def test_an_answer_that_does_not_begin_in_time_is_given_up_and_its_request_dropped() -> None:
+    async def unanswered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        await server.read_request(reader)  # sees the client's close
+
+    async with pool_and_server(unanswered) as (pool, server):
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await pool.send(server.origin, head_for(server.origin, b"{}"), b"{}", connect_timeout_s=2, answer_timeout_s=0.1)
+        assert 0.09 <= asyncio.get_running_loop().time() - started < 1
+        await asyncio.wait_for(server.closed_by_client.wait(), 2)
+        assert pool.open_connections == 0

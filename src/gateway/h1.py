@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import os
 import socket
 import ssl
@@ -101,7 +102,7 @@ class H1Response:
         if not self._chunks and not self._complete and self._error is None:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout_s, _expire, waiter) if timeout_s != float("inf") else None
+            timer = loop.call_later(timeout_s, _expire, waiter) if timeout_s != math.inf else None
             try:
                 await waiter
             finally:
@@ -160,7 +161,7 @@ _DECODERS: dict[str, Any] = {
 }
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
 
@@ -357,25 +358,39 @@ class H1Pool:
     def open_connections(self) -> int:
         return self._open
 
-    async def send(self, origin: Origin, head: bytes, body: RequestBody, connect_timeout_s: float) -> H1Response:
+    async def send(
+        self, origin: Origin, head: bytes, body: RequestBody, connect_timeout_s: float, answer_timeout_s: float = math.inf
+    ) -> H1Response:
         """Write the request on a pooled or new connection and wait for the answer's head.
 
-        ``connect_timeout_s`` bounds waiting for a slot and connecting. A caller
-        cancelled while waiting for the head aborts the connection: the upstream
-        sees the request dropped.
+        ``connect_timeout_s`` bounds waiting for a slot and connecting
+        (``H1Error`` "connect_timeout"); ``answer_timeout_s`` bounds the whole
+        call, connecting included (``TimeoutError``). A timer on the head's
+        future does it, not ``asyncio.timeout``: this runs for every request.
+        A caller cancelled or timed out while waiting for the head aborts the
+        connection: the upstream sees the request dropped.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + answer_timeout_s
         connection = self._take_idle(origin)
         if connection is None:
             try:
-                async with asyncio.timeout(connect_timeout_s):
+                async with asyncio.timeout(min(connect_timeout_s, answer_timeout_s)):
                     connection = await self._acquire(origin)
             except TimeoutError:
+                if answer_timeout_s <= connect_timeout_s:
+                    raise
                 raise H1Error("connect_timeout", "no connection in time") from None
+        waiter = connection.send(head, body)
+        timer = loop.call_at(deadline, _expire, waiter) if answer_timeout_s != math.inf else None
         try:
-            return await connection.send(head, body)
+            return await waiter
         except BaseException:
             connection._abort()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)

@@ -194,12 +194,12 @@ class UpstreamClient:
         prepared = self._prepare(target)
         timeouts = target.timeouts
         try:
+            if self._pool is not None:
+                head = prepared.head + b"content-length: %d\r\n\r\n" % body_length(body)
+                answer = await self._pool.send(prepared.origin, head, body, timeouts.connect_s, max(wait_s, 0.0))
+                return UpstreamStream(answer.status, answer.headers, answer, timeouts.idle_s, ends_at)
+            assert self._httpx is not None
             async with asyncio.timeout(max(wait_s, 0.0)):
-                if self._pool is not None:
-                    head = prepared.head + b"content-length: %d\r\n\r\n" % body_length(body)
-                    answer = await self._pool.send(prepared.origin, head, body, timeouts.connect_s)
-                    return UpstreamStream(answer.status, answer.headers, answer, timeouts.idle_s, ends_at)
-                assert self._httpx is not None
                 status, headers, reader = await self._httpx.send(prepared, timeouts, body)
         except TimeoutError:
             raise UpstreamFault("first_byte_timeout", f"no answer within {wait_s:.3g} s") from None
