@@ -1,4 +1,4 @@
-"""Splicing the upstream model id into a large body's raw JSON (shaping.splice_model / upstream_body)."""
+"""Building a large body's upstream JSON from its raw bytes (shaping.splice_body / top_level_spans)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.shaping import splice_model
+from gateway.shaping import splice_body, top_level_spans
 
 names = st.sampled_from(["gpt-5.5-pro", "image-gen", "qwen3-vl-30b-instruct", "a\"b", "é-model", "model", "x/y"])
 scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=20) | names
-keys = st.sampled_from(["model", "messages", "content", "text", "url", "max_tokens", "stream"]) | st.text(max_size=8)
+keys = st.sampled_from(["model", "messages", "content", "text", "url", "max_tokens", "stream", "modalities"]) | st.text(max_size=8)
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12)
 layouts = st.sampled_from([
     {"separators": (",", ":")},
@@ -23,47 +23,66 @@ layouts = st.sampled_from([
 ])
 
 
-@given(
-    alias=names,
-    model=names,
-    others=st.dictionaries(keys.filter(lambda k: k != "model"), json_values, max_size=5),
-    model_first=st.booleans(),
-    layout=layouts,
-)
-def test_a_splice_equals_re_encoding_or_declines(alias: str, model: str, others: dict[str, Any], model_first: bool, layout: dict[str, Any]) -> None:
-    body = {"model": alias, **others} if model_first else {**others, "model": alias}
+@st.composite
+def shapings(draw: st.DrawFn, body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with top-level fields dropped, changed, renamed or added, the kept values the same objects."""
+    shaped = dict(body)
+    for key in list(shaped):
+        action = draw(st.sampled_from(["keep", "keep", "drop", "change", "rename"]))
+        if action == "drop":
+            del shaped[key]
+        elif action == "change":
+            shaped[key] = draw(json_values)
+        elif action == "rename":
+            shaped[draw(keys)] = shaped.pop(key)
+    shaped.update(draw(st.dictionaries(keys, json_values, max_size=2)))
+    return shaped
+
+
+def joined(pieces: tuple[bytes | memoryview, ...]) -> bytes:
+    return b"".join(pieces)
+
+
+@given(body=st.dictionaries(keys, json_values, min_size=1, max_size=6), layout=layouts, data=st.data())
+def test_a_splice_decodes_to_the_shaped_body(body: dict[str, Any], layout: dict[str, Any], data: st.DataObject) -> None:
     raw = json.dumps(body, **layout).encode()
-    parts = splice_model(raw, alias, model)
-    if parts is not None:
-        spliced = b"".join(parts)
-        assert msgspec.json.decode(spliced) == {**body, "model": model}
-        assert len(spliced) == len(raw) - len(msgspec.json.encode(alias)) + len(msgspec.json.encode(model))
+    decoded = msgspec.json.decode(raw)
+    shaped = data.draw(shapings(decoded))
+    pieces = splice_body(raw, decoded, shaped)
+    if pieces is not None:
+        assert msgspec.json.decode(joined(pieces)) == shaped
 
 
-def test_the_plain_cases_are_spliced() -> None:
+def test_an_image_body_keeps_its_image_as_a_view_and_gets_new_fields() -> None:
     image = "data:image/png;base64," + "A" * 100_000
-    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}], "model": "vision"}
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}], "model": "vision", "max_tokens": 9}
     for raw in (json.dumps(body).encode(), bytearray(json.dumps(body, indent=1).encode())):
-        parts = splice_model(raw, "vision", "org/model-7b")
-        assert parts is not None
-        assert msgspec.json.decode(b"".join(parts)) == {**body, "model": "org/model-7b"}
+        decoded = msgspec.json.decode(raw)
+        shaped = {"messages": decoded["messages"], "model": "org/model-7b", "max_completion_tokens": 9, "modalities": ["image", "text"]}
+        pieces = splice_body(raw, decoded, shaped)
+        assert pieces is not None
+        assert any(isinstance(piece, memoryview) and len(piece) > 100_000 for piece in pieces)
+        assert len(pieces) == 3  # the head, the image view, the rest: not a piece per field
+        assert msgspec.json.decode(joined(pieces)) == shaped
 
 
-def test_nested_model_keys_and_the_alias_elsewhere_stay_as_they_are() -> None:
-    raw = b'{"metadata":{"model":"a","x":["a",{"model":"a"}]},"model" : "a","messages":[{"content":"a"}]}'
-    parts = splice_model(raw, "a", "b")
-    assert parts is not None
-    assert b"".join(parts) == raw.replace(b'"model" : "a"', b'"model" : "b"')
+def test_spans_point_at_the_top_level_values_only() -> None:
+    raw = b'{ "metadata" : {"model":"a","x":["a",{"model":"a"}]} ,"model":"a", "n":1 }'
+    spans = top_level_spans(raw)
+    assert spans is not None
+    assert {key: raw[start:end] for key, (start, end) in spans.items()} == {
+        "metadata": b'{"model":"a","x":["a",{"model":"a"}]}',
+        "model": b'"a"',
+        "n": b"1",
+    }
 
 
 def test_doubtful_bodies_are_declined() -> None:
-    # An escaped top-level key (it could spell "model"), or an escaped value.
-    assert splice_model(b'{"mod\\u0065l":"a","x":{"model":"a"}}', "a", "b") is None
-    assert splice_model(b'{"model":"\\u0061"}', "a", "b") is None
-    # A repeated top-level key: which one counts is the decoder's choice.
-    assert splice_model(b'{"model":"a","model":"a"}', "a", "b") is None
-    # No top-level model at all.
-    assert splice_model(b'{"x":{"model":"a"}}', "a", "b") is None
+    # An escaped top-level key (it reads otherwise than it is spelled), or a repeated one.
+    assert top_level_spans(b'{"mod\\u0065l":"a","x":{"model":"a"}}') is None
+    assert top_level_spans(b'{"model":"a","model":"b"}') is None
     # Too many strings to walk: re-encoding is cheaper.
     crowded = msgspec.json.encode({"model": "a", "messages": [{"content": str(i)} for i in range(100)]})
-    assert splice_model(crowded, "a", "b") is None
+    assert top_level_spans(crowded) is None
+    # A body whose top level does not match what it decoded to.
+    assert splice_body(b'{"model":"a"}', {"model": "a", "extra": 1}, {"model": "b"}) is None
