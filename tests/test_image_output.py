@@ -124,6 +124,24 @@ def test_image_input_and_output_together_is_an_edit(gateway: GatewayProcess, sta
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
+def test_a_large_edit_reaches_each_member_whole_with_its_own_model_and_params(stream: bool, gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """A body over 64 KiB is sent from its raw bytes (shaping.splice_body): the first member fails, and
+    the second still gets the image untouched, its own model id and the alias's params."""
+    standin.script(upstream_id("nano"), [{"kind": "status", "status": 503}])
+    standin.script(upstream_id("big"), [{"kind": "ok"}])
+    large = "data:image/png;base64," + base64.b64encode(TINY_PNG + bytes(300_000)).decode()
+    content = [{"type": "text", "text": "make it blue"}, {"type": "image_url", "image_url": {"url": large}}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 50, "stream": stream, "model": "image-gen"}
+    since = len(standin.requests())
+    response = post(client, gateway, body)
+    assert response.status_code == 200, response.text
+    sent = {r["model"]: r["body"] for r in standin.requests()[since:]}
+    assert set(sent) == {upstream_id("nano"), upstream_id("big")}
+    for member, upstream_body in sent.items():
+        assert upstream_body == {**body, "model": member, "modalities": ["image", "text"]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
 def test_composite_answer_is_accounted_to_the_member_that_served(stream: bool, gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
     """The serving member names the answer and the header; usage is that member's, the failed attempt's is not added."""
     standin.script(upstream_id("nano"), [{"kind": "status", "status": 503}])
