@@ -33,9 +33,12 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandIn]:
         yield running
 
 
-def backend_toml(standin: StandIn, name: str = "local") -> str:
-    """A backend table pointing at the stand-in, its key read from STANDIN_KEY."""
-    return f'[backends.{name}]\nbase_url = "{standin.base_url}"\napi_key_env = "STANDIN_KEY"\n'
+def backend_toml(standin: StandIn, name: str = "local", **settings: float) -> str:
+    """A backend table pointing at the stand-in, its key read from STANDIN_KEY, with numeric ``settings``
+    (timeouts, say ``first_byte_timeout_s=2``)."""
+    lines = [f"[backends.{name}]", f'base_url = "{standin.base_url}"', 'api_key_env = "STANDIN_KEY"']
+    lines += [f"{key} = {value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
 
 
 GatewayFactory = Callable[..., GatewayProcess]

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from conftest import backend_toml
 from harness import CLIENT_KEY, GatewayProcess, StandIn, local_client, serving
 
 RUN = uuid.uuid4().hex[:6]
@@ -35,8 +36,7 @@ def gateway(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Itera
     directory = tmp_path_factory.mktemp("disconnect")
     lines = [
         "[routing]", "backoff_s = 0.05", "retry_after_max_s = 5", "cooldown_failures = 5", "cooldown_s = 30", "",
-        "[backends.local]", f'base_url = "{standin.base_url}"', 'api_key_env = "STANDIN_KEY"',
-        "first_byte_timeout_s = 20", "idle_timeout_s = 20", "timeout_s = 30", "",
+        backend_toml(standin, first_byte_timeout_s=20, idle_timeout_s=20, timeout_s=30),
     ]
     for alias in ALIASES:
         lines += [f'[models."{alias}"]', 'backend = "local"', f'model = "{upstream_id(alias)}"']

@@ -28,6 +28,7 @@ import attrs
 import httpx
 import pytest
 
+from conftest import backend_toml
 from harness import (
     LISTENING_LINE,
     STANDIN_SCRIPT,
@@ -67,14 +68,7 @@ def gateway_config(standin: StandIn) -> str:
         "cooldown_failures = 3",
         f"cooldown_s = {COOLDOWN_S}",
         "",
-        "[backends.local]",
-        f'base_url = "{standin.base_url}"',
-        'api_key_env = "STANDIN_KEY"',
-        "connect_timeout_s = 1",
-        f"first_byte_timeout_s = {FIRST_BYTE_S}",
-        f"idle_timeout_s = {IDLE_S}",
-        f"timeout_s = {TOTAL_S}",
-        "",
+        backend_toml(standin, connect_timeout_s=1, first_byte_timeout_s=FIRST_BYTE_S, idle_timeout_s=IDLE_S, timeout_s=TOTAL_S),
     ]
 
     def entry(alias: str, *extra: str) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Self
 import pytest
 
 from gateway.h1 import H1Error, H1Pool, H1Response, Origin, body_length, request_head
+from gateway.upstream import UpstreamClient, UpstreamFault
+from test_upstream_prepare import target
 
 
 def in_loop(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -117,6 +119,12 @@ def answering(answer: Callable[[bytes], bytes] = lambda body: ok(), *, once: boo
 
 
 answer_each_request = answering()
+
+
+async def unanswered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+    """Reads a request, never answers, and records the client's close."""
+    await server.read_request(reader)
+    await server.read_request(reader)
 
 
 @contextlib.asynccontextmanager
@@ -310,10 +318,6 @@ async def test_closing_an_unfinished_answer_aborts_its_connection() -> None:
 
 @in_loop
 async def test_a_caller_cancelled_before_the_answer_aborts_the_request() -> None:
-    async def unanswered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await server.read_request(reader)
-        await server.read_request(reader)  # sees the client's close
-
     async with pool_and_server(unanswered) as (pool, server):
         pending = asyncio.create_task(call(pool, server.origin))
         await asyncio.sleep(0.05)
@@ -437,10 +441,6 @@ async def test_an_encoding_it_cannot_decode_is_refused() -> None:
 
 @in_loop
 async def test_an_answer_that_does_not_begin_in_time_is_given_up_and_its_request_dropped() -> None:
-    async def unanswered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await server.read_request(reader)
-        await server.read_request(reader)  # sees the client's close
-
     async with pool_and_server(unanswered) as (pool, server):
         started = asyncio.get_running_loop().time()
         with pytest.raises(TimeoutError):
@@ -448,3 +448,22 @@ async def test_an_answer_that_does_not_begin_in_time_is_given_up_and_its_request
         assert 0.09 <= asyncio.get_running_loop().time() - started < 1
         await asyncio.wait_for(server.closed_by_client.wait(), 2)
         assert pool.open_connections == 0
+
+
+@pytest.mark.parametrize(
+    ("answer", "detail"),
+    [(b"SMTP ready\r\n\r\n", "not valid HTTP"), (b"", "closed the connection")],
+    ids=["not HTTP", "closed"],
+)
+@in_loop
+async def test_the_upstream_client_turns_a_broken_answer_into_a_reset_fault_naming_no_host(answer: bytes, detail: str) -> None:
+    async with Server(answering(lambda body: answer, once=True)) as server:
+        client = UpstreamClient()
+        port = server.origin.port
+        base_url = f"http://127.0.0.1:{port}/v1"
+        with pytest.raises(UpstreamFault) as caught:
+            await client.open(target(base_url), b"{}", wait_s=2, ends_at=asyncio.get_running_loop().time() + 5)
+        await client.aclose()
+    assert caught.value.kind == "reset"
+    assert detail in caught.value.detail
+    assert "127.0.0.1" not in str(caught.value) and str(port) not in str(caught.value)

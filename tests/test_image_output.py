@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from conftest import backend_toml
 from gateway.shaping import client_body, fix_image_uri, fix_images
 from harness import CLIENT_KEY, STANDIN_SCRIPT, GatewayProcess, StandIn, local_client, serving
 
@@ -46,8 +47,7 @@ def gateway(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Itera
     directory = tmp_path_factory.mktemp("image-output")
     lines = [
         "[routing]", "backoff_s = 0.05", "cooldown_failures = 50", "",
-        "[backends.local]", f'base_url = "{standin.base_url}"', 'api_key_env = "STANDIN_KEY"',
-        "first_byte_timeout_s = 2", "idle_timeout_s = 2", "timeout_s = 5", "",
+        backend_toml(standin, first_byte_timeout_s=2, idle_timeout_s=2, timeout_s=5),
     ]
     for alias in ("painter", "nano", "big"):
         lines += [

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import backend_toml
 from gateway.dispatch import MOVE_ON, RETRY, STOP, error_event_verdict, status_verdict
 from gateway.upstream import retry_after_s
 from gateway.upstream_errors import MAX_REASON_CHARS, read_upstream_error, scrub
@@ -172,8 +173,8 @@ def gateway(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Itera
     directory = tmp_path_factory.mktemp("upstream-errors")
     config_text = (
         "[routing]\nbackoff_s = 0.05\ncooldown_failures = 50\n\n"
-        f'[backends.local]\nbase_url = "{standin.base_url}"\napi_key_env = "STANDIN_KEY"\n'
-        "first_byte_timeout_s = 2\nidle_timeout_s = 2\ntimeout_s = 5\n\n"
+        + backend_toml(standin, first_byte_timeout_s=2, idle_timeout_s=2, timeout_s=5)
+        + "\n"
         f'[models."errs"]\nbackend = "local"\nmodel = "{RUN}-errors"\n'
     )
     with serving(config_text, directory) as running:

@@ -67,6 +67,11 @@ class H1Error(Exception):
         self.partial = partial
 
 
+def errno_words(number: object) -> str:
+    """An OS error number in its own words ("connection refused"): the OS message names the host and port."""
+    return os.strerror(number).lower() if isinstance(number, int) and number > 0 else "cannot connect"
+
+
 class Origin(NamedTuple):
     scheme: str
     host: str
@@ -449,10 +454,8 @@ class H1Pool:
             if isinstance(exc, socket.gaierror):
                 raise H1Error("connect", "the host name does not resolve") from None
             if isinstance(exc, OSError):
-                # The errno's own words: the OS message names the host and port.
                 number = exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else None
-                words = os.strerror(number).lower() if number is not None else "cannot connect"
-                raise H1Error("connect", words, errno=number) from None
+                raise H1Error("connect", errno_words(number), errno=number) from None
             raise
         self._connections.add(connection)
         return connection

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import os
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
-from gateway.h1 import H1Error, H1Pool, Origin, RequestBody, body_length, request_head
+from gateway.h1 import H1Error, H1Pool, Origin, RequestBody, body_length, errno_words, request_head
 from gateway.snapshot import Target
 
 if TYPE_CHECKING:
@@ -73,11 +72,6 @@ def transport_fault(exc: BaseException) -> UpstreamFault:
     if isinstance(exc, ConnectionResetError):
         return UpstreamFault("reset", "connection reset")
     return UpstreamFault("reset", f"transport error ({type(exc).__name__})")
-
-
-def errno_words(number: object) -> str:
-    # The errno's own words: library messages name the host and port.
-    return os.strerror(number).lower() if isinstance(number, int) and number > 0 else "cannot connect"
 
 
 class Body(Protocol):

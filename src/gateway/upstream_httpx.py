@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import httpx
 
-from gateway.h1 import RequestBody
+from gateway.h1 import RequestBody, errno_words
 from gateway.snapshot import ResolvedTimeouts
-from gateway.upstream import Prepared, UpstreamFault, errno_words
+from gateway.upstream import Prepared, UpstreamFault
 
 # httpx logs every request's full URL at INFO; a backend URL may carry credentials,
 # and which backend served belongs in our own structured logs, not in httpx's.
