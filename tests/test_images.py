@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import tracemalloc
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from gateway import images
 from gateway.errors import GatewayError, Location
 from gateway.images import (
     ACCEPTED_IMAGE_TYPES,
@@ -484,3 +486,24 @@ def test_big_image_with_bad_tail_refused_with_small_peak(big_png_uri: str) -> No
     peak = peak_allocation(lambda: inspect_image_url(broken, max_image_bytes=None, at=AT))
     assert peak < 1024 * 1024, peak
     assert refuse(broken).code == "invalid_image"
+
+
+# --- the fast check and the checks that word its refusals --------------------------
+
+_PAYLOAD_CHARS = "QUJDAB+/=-_ \né"
+
+
+@given(st.text(alphabet=_PAYLOAD_CHARS, max_size=40), st.sampled_from([4, 8, 12, 1 << 18]))
+def test_property_fast_check_agrees_with_wording_checks(payload: str, slice_chars: int) -> None:
+    """The strict SIMD check accepts exactly what the alphabet and length checks accept, at any slice size."""
+    with mock.patch.object(images, "_CHECK_SLICE_CHARS", slice_chars):
+        fast = images._is_strict_base64(payload, 0, len(payload))
+    assert fast == (images._is_base64_payload(payload, 0) and len(payload) % 4 == 0)
+
+
+def test_padding_at_a_slice_end_mid_payload_refused() -> None:
+    """'=' that ends a 256 KiB slice is refused when more data follows (each slice alone is valid)."""
+    slice_chars = images._CHECK_SLICE_CHARS
+    payload = b64(PNG + b"\x00" * 200_000)
+    payload = payload[: slice_chars - 4].ljust(slice_chars - 4, "A") + "QQ==" + "QUJD" * 100
+    assert_refused(f"data:image/png;base64,{payload}", "invalid_image", 400, "'=' padding before its end")

@@ -12,26 +12,30 @@ Why this module avoids copies: a single request may carry a 20 MB image, which
 is about 27 MB of base64 already held in memory as the ``str`` the JSON parser
 produced. Decoding it, ``.encode()``-ing it or slicing the payload out of the
 URI would each allocate another tens of megabytes per image, per request. So
-the payload is only ever read in place: one compiled-regex ``fullmatch`` with a
-start offset checks the alphabet at C speed, the decoded size is arithmetic on
-the length and the padding, and only a short prefix is decoded to sniff the
-type. The only slow paths (locating the offending character) run after a
-payload has already been refused.
+the payload is checked slice by slice: pybase64's strict SIMD decoder checks
+each 256 KiB slice and its output is dropped at once, the decoded size is
+arithmetic on the length and the padding, and only a short prefix is decoded to
+sniff the type. The slow paths (the stdlib alphabet check that says what is
+wrong, locating the offending character) run only for a payload the fast check
+has already refused.
 """
 
 from __future__ import annotations
 
 import binascii
 import re
-from typing import Final
+from typing import Final, NoReturn
 
 import attrs
+import msgspec
+import pybase64
 
 from gateway.errors import GatewayError, Location, json_type_name
 
 __all__ = [
     "ACCEPTED_IMAGE_TYPES",
     "ImageFacts",
+    "RawImageDeclined",
     "inspect_image_url",
     "sniff_base64_image_type",
     "sniff_image_type",
@@ -79,14 +83,38 @@ _SNIFF_CHARS: Final[int] = 64
 
 # Standard, padded base64: alphabet characters, then at most two "=".
 _BASE64_ALPHABET: Final[bytes] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-# The alphabet is checked slice by slice with bytes.translate (delete every
-# alphabet byte; anything left is wrong). Measured on a 4 MB image: 2.2 ms
-# against 7.8 ms for a character-class regex, and the slices keep the extra
+# Payloads are checked in slices of this many characters (a multiple of 4, so
+# every slice but the last is whole base64 quanta), which keeps the extra
 # memory near 2 x 256 KiB however large the image.
 _CHECK_SLICE_CHARS: Final[int] = 1 << 18
 
 
+def _is_strict_base64(data: str | memoryview, start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` is standard, padded base64 (the fast check).
+
+    pybase64's strict decode refuses any character outside the alphabet, '='
+    anywhere but the end, and a length that is not a multiple of 4. Measured on
+    a 4 MB image: 0.2 ms, against 2.5 ms for the bytes.translate check below and
+    7.8 ms for a character-class regex. A ``memoryview`` is read in place.
+    """
+    for i in range(start, end, _CHECK_SLICE_CHARS):
+        piece = data[i : min(i + _CHECK_SLICE_CHARS, end)]
+        try:
+            pybase64.b64decode(piece, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        # A slice may end in padding only if it is the last one.
+        if i + _CHECK_SLICE_CHARS < end and piece[-1] in ("=", 0x3D):
+            return False
+    return True
+
+
 def _is_base64_payload(url: str, start: int) -> bool:
+    """Whether the payload's characters are the alphabet plus up to two trailing '='.
+
+    Slower than the fast check, but it tells an alphabet error from a length
+    error, so it runs only to word a refusal.
+    """
     end = len(url)
     if url.endswith("=="):
         end -= 2
@@ -139,7 +167,7 @@ def sniff_base64_image_type(b64: str) -> str | None:
     return _sniff_at(b64, 0)
 
 
-def _sniff_at(text: str, start: int) -> str | None:
+def _sniff_at(text: str | memoryview, start: int) -> str | None:
     prefix = text[start : start + _SNIFF_CHARS]
     # A payload shorter than the prefix may end mid-quantum; drop the ragged
     # tail rather than fail, since only the leading bytes matter.
@@ -159,7 +187,17 @@ def inspect_image_url(url: object, *, max_image_bytes: int | None, at: Location)
     declared type, at most ``max_image_bytes`` once decoded (None: no limit).
     Every refusal is a ``GatewayError`` located at ``at``. The payload is never
     copied or fully decoded (see the module docstring).
+
+    ``url`` may also be a ``msgspec.Raw``: the JSON string as it lies in the
+    body, quotes included (``bulk.decode_leaving_uris``). It is checked in
+    place, and ``RawImageDeclined`` is raised for anything but a valid image,
+    so that the ordinary path decodes the body and words the refusal.
     """
+    if isinstance(url, msgspec.Raw):
+        facts = _inspect_raw(memoryview(url), max_image_bytes, at)
+        if facts is None:
+            raise RawImageDeclined
+        return facts
     if not isinstance(url, str):
         raise GatewayError(
             "invalid_request",
@@ -167,7 +205,57 @@ def inspect_image_url(url: object, *, max_image_bytes: int | None, at: Location)
             f"Send the image as a base64 data URI string ({_EXAMPLE_URI}).",
             at=at,
         )
+    declared, image_type, comma = _parse_header(url, at)
+    start = comma + 1
+    encoded_chars = len(url) - start
+    if encoded_chars == 0:
+        raise GatewayError(
+            "invalid_image",
+            f"image_url.url has no data after 'base64,'. Append the base64 of the image file: {_EXAMPLE_URI}",
+            at=at,
+        )
+    facts = _payload_facts(url, start, len(url), declared, image_type, max_image_bytes, at)
+    if facts is None:
+        _refuse_payload(url, start, encoded_chars, at)
+    return facts
 
+
+class RawImageDeclined(Exception):
+    """A ``msgspec.Raw`` URL that the in-place check could not accept as it is."""
+
+
+# What a header checked in place may hold: printable ASCII but the JSON
+# string's own quote and backslash, so its bytes are its characters one for one.
+_PLAIN_HEADER_BYTES: Final[bytes] = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
+def _inspect_raw(view: memoryview, max_image_bytes: int | None, at: Location) -> ImageFacts | None:
+    """The facts of a valid image URL given as its JSON string's bytes, or None.
+
+    None for anything the ``str`` path could word differently: a header that
+    is not plain ASCII or that the header rules refuse, an empty or non-base64
+    payload. An image of the wrong size or type is refused here as the ``str``
+    path would refuse it, since that verdict reads only lengths and a prefix.
+    """
+    end = len(view) - 1  # the closing quote
+    if end < 1 or view[0] != 0x22 or view[end] != 0x22:
+        return None
+    head = bytes(view[1 : min(end, 1 + _MAX_HEADER_CHARS)])
+    comma = head.find(b",", 5)
+    if comma < 0 or head[:comma].translate(None, _PLAIN_HEADER_BYTES):
+        return None
+    try:
+        declared, image_type, _ = _parse_header(head[: comma + 1].decode("ascii"), at)
+    except GatewayError:
+        return None
+    start = 1 + comma + 1
+    if start == end:
+        return None
+    return _payload_facts(view, start, end, declared, image_type, max_image_bytes, at)
+
+
+def _parse_header(url: str, at: Location) -> tuple[str, str, int]:
+    """The declared media type, its image type and the index of the header's ','."""
     if url[:5].lower() != "data:":
         raise GatewayError("image_url_not_supported", _not_data_uri_message(url), at=at)
 
@@ -199,29 +287,25 @@ def inspect_image_url(url: object, *, max_image_bytes: int | None, at: Location)
         )
 
     declared, image_type = _declared_type(params[0], at)
+    return declared, image_type, comma
 
-    start = comma + 1
-    encoded_chars = len(url) - start
-    if encoded_chars == 0:
-        raise GatewayError(
-            "invalid_image",
-            f"image_url.url has no data after 'base64,'. Append the base64 of the image file: {_EXAMPLE_URI}",
-            at=at,
-        )
-    if not _is_base64_payload(url, start):
-        raise GatewayError("invalid_image", _bad_alphabet_message(url, start), at=at)
-    if encoded_chars % 4:
-        raise GatewayError(
-            "invalid_image",
-            f"image_url.url's base64 data is {encoded_chars} characters long, which is not a multiple of 4: "
-            "it is truncated or lacks its '=' padding. Send the complete, padded base64 "
-            "(e.g. `base64 -w 0 image.jpg`).",
-            at=at,
-        )
 
-    # The alphabet check allowed '=' only as the last one or two characters.
-    padding = (url[-1] == "=") + (url[-2] == "=")
-    decoded_bytes = encoded_chars // 4 * 3 - padding
+def _payload_facts(
+    data: str | memoryview,
+    start: int,
+    end: int,
+    declared: str,
+    image_type: str,
+    max_image_bytes: int | None,
+    at: Location,
+) -> ImageFacts | None:
+    """Check ``data[start:end]``, a non-empty payload; None when it is not strict base64."""
+    if not _is_strict_base64(data, start, end):
+        return None
+    # The strict check allowed '=' only as the last one or two characters.
+    tail = data[end - 2 : end]
+    padding = (tail.encode() if isinstance(tail, str) else bytes(tail)).count(b"=")
+    decoded_bytes = (end - start) // 4 * 3 - padding
 
     # Sizing is arithmetic, so an oversize image is refused before any decoding.
     if max_image_bytes is not None and decoded_bytes > max_image_bytes:
@@ -232,7 +316,7 @@ def inspect_image_url(url: object, *, max_image_bytes: int | None, at: Location)
             at=at,
         )
 
-    sniffed = _sniff_at(url, start)
+    sniffed = _sniff_at(data, start)
     if sniffed is None:
         raise GatewayError(
             "invalid_image",
@@ -249,6 +333,21 @@ def inspect_image_url(url: object, *, max_image_bytes: int | None, at: Location)
         )
     return ImageFacts(declared_mime=declared, image_type=image_type, decoded_bytes=decoded_bytes)
 
+
+def _refuse_payload(url: str, start: int, encoded_chars: int, at: Location) -> NoReturn:
+    """Raise the refusal that says what is wrong with a payload the fast check refused."""
+    if not _is_base64_payload(url, start):
+        raise GatewayError("invalid_image", _bad_alphabet_message(url, start), at=at)
+    if encoded_chars % 4:
+        raise GatewayError(
+            "invalid_image",
+            f"image_url.url's base64 data is {encoded_chars} characters long, which is not a multiple of 4: "
+            "it is truncated or lacks its '=' padding. Send the complete, padded base64 "
+            "(e.g. `base64 -w 0 image.jpg`).",
+            at=at,
+        )
+    # Not reached: both checks passing means the strict decode passes too.
+    raise GatewayError("invalid_image", "image_url.url's base64 data is not valid standard base64.", at=at)
 
 def _declared_type(raw: str, at: Location) -> tuple[str, str]:
     """Normalise the declared media type and map it to its image type."""
