@@ -696,6 +696,9 @@ class Phase:
     run: Callable[[Target], LoadResult]
 
 
+PHASE_KEYS = ("small_c1", "small_c64", "streams", "slow_streams", "image", "scale")
+
+
 def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
     shape, duration_s = settings.shape, settings.duration_s
     cap = int(settings.max_requests_per_s * duration_s)
@@ -821,27 +824,38 @@ def figures(results: dict[str, dict[str, LoadResult]], shape: Shape) -> list[Fig
         return results[key]["direct"], results[key]["gateway"]
 
     c1, c64 = shape.small_conc
-    d1, g1 = pair("small_c1")
-    d64, g64 = pair("small_c64")
-    ds, gs = pair("streams")
-    dl, gl = pair("slow_streams")
-    di, gi = pair("image")
     streams = f"{shape.stream_conc} streams ({shape.stream_chunks} chunks {shape.stream_interval_ms:g} ms apart)"
     slow = f"{shape.slow_conc} streams ({shape.slow_chunks} chunks {shape.slow_interval_ms:g} ms apart)"
     image = f"{shape.image_mb:g} MB PNG image_url, c={shape.image_conc}"
-    rows = [
-        Figure(f"small, c={c1}: p50 latency (ms)", d1.p50, g1.p50, "added"),
-        Figure(f"small, c={c64}: req/s", d64.rate, g64.rate, "ratio", 0),
-        Figure(
-            f"small, c={c64}: gateway CPU per request (µs)", math.nan, g64.gateway["cpu_us_per_request"], "gateway", 0
-        ),
-        Figure(f"{streams}: TTFB p50 (ms)", ds.ttfb_p50, gs.ttfb_p50, "added"),
-        Figure(f"{streams}: total p50 (ms)", ds.p50, gs.p50, "added"),
-        Figure(f"{slow}: streams/s", dl.rate, gl.rate, "ratio", 1),
-        Figure(f"{slow}: first byte p50 (ms)", dl.ttfb_p50, gl.ttfb_p50, "added"),
-        Figure(f"{image}: p50 latency (ms)", di.p50, gi.p50, "added", 1),
-        Figure(f"{image}: gateway peak RSS (MiB)", math.nan, gi.gateway["peak_rss_mib"], "gateway", 0),
-    ]
+    rows: list[Figure] = []
+    if "small_c1" in results:
+        d1, g1 = pair("small_c1")
+        rows.append(Figure(f"small, c={c1}: p50 latency (ms)", d1.p50, g1.p50, "added"))
+    if "small_c64" in results:
+        d64, g64 = pair("small_c64")
+        cpu_us = g64.gateway["cpu_us_per_request"]
+        rows += [
+            Figure(f"small, c={c64}: req/s", d64.rate, g64.rate, "ratio", 0),
+            Figure(f"small, c={c64}: gateway CPU per request (µs)", math.nan, cpu_us, "gateway", 0),
+        ]
+    if "streams" in results:
+        ds, gs = pair("streams")
+        rows += [
+            Figure(f"{streams}: TTFB p50 (ms)", ds.ttfb_p50, gs.ttfb_p50, "added"),
+            Figure(f"{streams}: total p50 (ms)", ds.p50, gs.p50, "added"),
+        ]
+    if "slow_streams" in results:
+        dl, gl = pair("slow_streams")
+        rows += [
+            Figure(f"{slow}: streams/s", dl.rate, gl.rate, "ratio", 1),
+            Figure(f"{slow}: first byte p50 (ms)", dl.ttfb_p50, gl.ttfb_p50, "added"),
+        ]
+    if "image" in results:
+        di, gi = pair("image")
+        rows += [
+            Figure(f"{image}: p50 latency (ms)", di.p50, gi.p50, "added", 1),
+            Figure(f"{image}: gateway peak RSS (MiB)", math.nan, gi.gateway["peak_rss_mib"], "gateway", 0),
+        ]
     if "scale" in results:
         dn, gn = pair("scale")
         opened = f"{shape.scale_conc} open streams ({shape.scale_chunks} chunks {shape.scale_interval_ms:g} ms apart)"
@@ -917,7 +931,14 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         "--scale", type=int, default=0, metavar="N",
         help="also hold N concurrent, mostly idle streams (a chunk a second; 2000 for the scale figure)",
     )
+    parser.add_argument(
+        "--only", metavar="PHASES",
+        help=f"run only these phases, comma-separated ({', '.join(PHASE_KEYS)}); for profiling one of them",
+    )
     args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(PHASE_KEYS) if args.only else set()
+    if unknown:
+        parser.error(f"--only: no phase named {', '.join(sorted(unknown))}")
     gateway_cmd = tuple(shlex.split(args.gateway_cmd)) if args.gateway_cmd else (sys.executable, "-m", "gateway")
     if args.smoke:
         shape = Shape(scale_conc=args.scale, scale_chunks=2, scale_interval_ms=200)
@@ -962,7 +983,11 @@ def run(settings: Settings, args: argparse.Namespace, workdir: Path, started: li
         warm_up(target, settings, plain)
     meta["gateway_idle_rss_mib"] = memory_kib(gateway_child.pids(), "VmRSS") / 1024
 
-    results = run_phases(build_phases(settings, plain), direct, gateway, gateway_child)
+    phases = build_phases(settings, plain)
+    if args.only:
+        wanted = set(args.only.split(","))
+        phases = [phase for phase in phases if phase.key in wanted]
+    results = run_phases(phases, direct, gateway, gateway_child)
     meta["loadavg_after"] = _loadavg()
     rows = figures(results, shape)
     print(render(rows, results, meta), flush=True)
