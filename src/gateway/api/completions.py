@@ -33,6 +33,7 @@ from gateway.api.edge import (
     send_error,
     send_stream,
 )
+from gateway.bulk import inspect_in_place
 from gateway.dispatch import Attempt, Dispatcher
 from gateway.errors import GatewayError, Location
 from gateway.facts import inspect_request
@@ -80,16 +81,21 @@ class CompletionService:
                 raise GatewayError("config_not_loaded", "No valid configuration is loaded; `gateway check` says why.")
             identity = self.holder.keys.authenticate(header(scope, b"authorization"))
             raw = await read_body(receive, snapshot.config.server.max_request_bytes, declared_length(scope))
-            try:
-                body = _decode(raw)
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings raise the latter
-                raise GatewayError("invalid_json", f"The body is not valid JSON: {exc}.") from None
-            # Only a large chat body is worth keeping, to splice `model` into (shaping.upstream_body).
+            # Only a large chat body is worth keeping, to splice `model` into (shaping.upstream_body),
+            # and worth decoding around its images (bulk).
             kept = raw if translate is None and len(raw) >= SPLICE_MIN_BYTES else None
+            inspected = inspect_in_place(raw) if kept is not None else None
+            if inspected is not None:
+                body, facts = inspected
+            else:
+                try:
+                    body = _decode(raw)
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings raise the latter
+                    raise GatewayError("invalid_json", f"The body is not valid JSON: {exc}.") from None
+                if translate is not None:
+                    body, relocate = translate(body)
+                facts = inspect_request(body)
             del raw
-            if translate is not None:
-                body, relocate = translate(body)
-            facts = inspect_request(body)
             alias = snapshot.lookup(facts.model)
             alias_name = alias.name
             if not identity.may_use(alias.name):
