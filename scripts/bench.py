@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The gateway's own benchmark: what the gateway adds on top of a direct call.
 
-Usage: ``.venv/bin/python scripts/bench.py [--duration 10] [--workers 2] [--scale 2000] [--smoke] [--json PATH]``
+Usage: ``.venv/bin/python scripts/bench.py [--duration 10] [--workers 2] [--scale 2000] [--only image] [--smoke] [--json PATH]``
 
 How it works:
 

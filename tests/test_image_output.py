@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from conftest import backend_toml
+from gateway.bulk import inspect_in_place
 from gateway.shaping import client_body, fix_image_uri, fix_images
 from harness import CLIENT_KEY, STANDIN_SCRIPT, GatewayProcess, StandIn, local_client, serving
 
@@ -139,6 +140,21 @@ def test_a_large_edit_reaches_each_member_whole_with_its_own_model_and_params(st
     assert set(sent) == {upstream_id("nano"), upstream_id("big")}
     for member, upstream_body in sent.items():
         assert upstream_body == {**body, "model": member, "modalities": ["image", "text"]}
+    # The gateway took this body on its in-place path (gateway.bulk): the image never became a str.
+    assert inspect_in_place(json.dumps(body).encode()) is not None
+
+
+def test_a_large_broken_image_is_refused_as_the_ordinary_path_words_it(gateway: GatewayProcess, client: httpx.Client) -> None:
+    """The in-place path declines a large image it cannot accept; the refusal points into the body sent."""
+    large = "data:image/png;base64," + base64.b64encode(TINY_PNG + bytes(300_000)).decode()
+    broken = large[:200_000] + " " + large[200_001:]
+    content = [{"type": "text", "text": "make it blue"}, {"type": "image_url", "image_url": {"url": broken}}]
+    response = post(client, gateway, {"model": "image-gen", "messages": [{"role": "user", "content": content}]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_image"
+    assert error["param"] == "messages[0].content[1].image_url.url"
+    assert "a space at data offset" in error["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
