@@ -8,6 +8,7 @@ it; every gateway it started is stopped at the end of the test.
 
 import os
 import sys
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +26,23 @@ settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_
 settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+
+
+def peak_allocation(call: Callable[[], object], swallow: type[BaseException] | tuple[type[BaseException], ...] = ()) -> int:
+    """The peak of what Python allocated while ``call`` ran (tracemalloc), in bytes.
+
+    ``swallow``: exceptions ``call`` may end with (a refusal whose cost is measured).
+    """
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        try:
+            call()
+        except swallow:
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 @pytest.fixture(scope="session")

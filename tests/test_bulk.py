@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import tracemalloc
 from typing import Any
 from unittest import mock
 
@@ -12,6 +11,7 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import peak_allocation
 from gateway import bulk
 from gateway.bulk import decode_leaving_uris, inspect_in_place
 from gateway.errors import GatewayError
@@ -197,13 +197,9 @@ def test_many_images_each_in_place() -> None:
 
 def test_a_20_mb_image_is_inspected_with_a_small_peak() -> None:
     raw = json.dumps(chat(image_part(data_uri(PNG + bytes(20 * 1024 * 1024))))).encode()
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        result = inspect_in_place(raw)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    results: list[Any] = []
+    peak = peak_allocation(lambda: results.append(inspect_in_place(raw)))
+    result = results[0]
     assert result is not None
     assert result[1].images[0].decoded_bytes == len(PNG) + 20 * 1024 * 1024
     assert peak < 1024 * 1024, peak

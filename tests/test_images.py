@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import tracemalloc
-from collections.abc import Callable
 from unittest import mock
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from conftest import peak_allocation
 from gateway import images
 from gateway.errors import GatewayError, Location
 from gateway.images import (
@@ -452,19 +451,6 @@ def big_png_uri() -> str:
     return uri(data)
 
 
-def peak_allocation(call: Callable[[], object]) -> int:
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        try:
-            call()
-        except GatewayError:
-            pass
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_big_image_validated_with_small_peak(big_png_uri: str) -> None:
     """A 20 MiB image is validated with under 1 MiB of peak allocation (no copy or full decode)."""
     facts: list[ImageFacts] = []
@@ -475,7 +461,7 @@ def test_big_image_validated_with_small_peak(big_png_uri: str) -> None:
 
 def test_big_image_refused_for_size_with_small_peak(big_png_uri: str) -> None:
     """A 20 MiB image over the limit is refused with under 1 MiB of peak allocation."""
-    peak = peak_allocation(lambda: inspect_image_url(big_png_uri, max_image_bytes=BIG_IMAGE_BYTES - 1, at=AT))
+    peak = peak_allocation(lambda: inspect_image_url(big_png_uri, max_image_bytes=BIG_IMAGE_BYTES - 1, at=AT), GatewayError)
     assert peak < 1024 * 1024, peak
     assert refuse(big_png_uri, BIG_IMAGE_BYTES - 1).code == "image_too_large"
 
@@ -483,7 +469,7 @@ def test_big_image_refused_for_size_with_small_peak(big_png_uri: str) -> None:
 def test_big_image_with_bad_tail_refused_with_small_peak(big_png_uri: str) -> None:
     """A 20 MiB payload with a newline near its end is refused without copying it."""
     broken = big_png_uri[:-10] + "\n" + big_png_uri[-9:]
-    peak = peak_allocation(lambda: inspect_image_url(broken, max_image_bytes=None, at=AT))
+    peak = peak_allocation(lambda: inspect_image_url(broken, max_image_bytes=None, at=AT), GatewayError)
     assert peak < 1024 * 1024, peak
     assert refuse(broken).code == "invalid_image"
 
