@@ -79,3 +79,27 @@ def test_json_holds_every_figure(smoke_run: tuple[subprocess.CompletedProcess[st
     assert len(document["figures"]) == len(FIGURE_ROWS)
     assert all(isinstance(figure["gateway"], (int, float)) for figure in document["figures"])
     assert set(document["phases"]) == {"small_c1", "small_c64", "streams", "slow_streams", "image", "scale"}
+
+
+def test_only_runs_and_reports_the_phases_named(tmp_path: Path) -> None:
+    """--only image runs that phase alone: its two rows are reported, no other phase's."""
+    json_path = tmp_path / "bench.json"
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    done = subprocess.run(
+        [sys.executable, str(BENCH_SCRIPT), "--smoke", "--only", "image", "--json", str(json_path)],
+        check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=100,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert set(json.loads(json_path.read_text())["phases"]) == {"image"}
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 2 and all(row.startswith("| 4 MB PNG image_url, c=4:") for row in rows), done.stdout
+
+
+def test_only_refuses_an_unknown_phase() -> None:
+    """A phase name that does not exist is refused before anything starts, naming it."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH_SCRIPT), "--only", "image,imgae"],
+        check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 2
+    assert "no phase named imgae" in done.stderr
