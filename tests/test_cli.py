@@ -227,3 +227,26 @@ def test_serve_refuses_a_missing_file(tmp_path: Path) -> None:
     done = gateway_cli("serve", "--port", str(free_port()), cwd=tmp_path, env={"GATEWAY_CONFIG": ""})
     assert done.returncode == 1
     assert "models.toml: cannot read the file" in done.stderr
+
+
+def test_serve_options_are_ones_granian_takes() -> None:
+    """The options `gateway serve` builds are accepted by the installed granian as given.
+
+    The HTTP/1 buffer is raised from granian's default so a large body reaches the
+    app in fewer pieces (measured in ``gateway.cli``); the command-line address,
+    port and worker count pass through unchanged.
+    """
+    from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
+
+    from gateway.cli import HTTP1_BUFFER_BYTES, build_parser, server_options
+    from gateway.supervisor import GatewayGranian
+
+    args = build_parser().parse_args(["serve", "--host", "127.0.0.1", "--port", "18080", "--workers", "2"])
+    options = server_options(args)
+    server = GatewayGranian("gateway.app:create_app", **options)
+    assert server.http1_settings == HTTP1Settings(max_buffer_size=HTTP1_BUFFER_BYTES)
+    assert HTTP1_BUFFER_BYTES > HTTP1Settings().max_buffer_size
+    assert (server.bind_addr, server.bind_port, server.workers) == ("127.0.0.1", 18080, 2)
+    assert server.interface == Interfaces.ASGI
+    assert server.respawn_failed_workers is True

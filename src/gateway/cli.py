@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.keys import build_keyring, keys_file_path
@@ -78,12 +79,48 @@ def raise_open_files_limit() -> None:
             pass  # keep the soft limit: the gateway still runs, with fewer streams
 
 
+# granian reads a request body into a buffer that grows to at most this size, and
+# hands each read to the app as one piece: a bigger buffer means fewer pieces per
+# large body, and every piece is a hand-off between granian's I/O thread and the
+# event loop. 1 MiB against granian's default of 408 KiB, measured with 4 images
+# of 4 MB in flight (``scripts/bench.py --only image``, interleaved runs): p50
+# 15.8 ms instead of 17.1, 0.3 ms less CPU per request, 14 MiB more peak RSS.
+# 2 MiB and more measured worse (larger reads fault in fresh pages).
+HTTP1_BUFFER_BYTES = 1024 * 1024
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``gateway serve`` gives granian, besides the app it runs."""
+    from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
+
+    try:
+        import uvloop  # noqa: F401
+
+        loop = Loops.uvloop
+    except ImportError:
+        loop = Loops.asyncio
+    return {
+        "factory": True,
+        "address": args.host,
+        "port": args.port,
+        "interface": Interfaces.ASGI,
+        "workers": args.workers,
+        "loop": loop,
+        "log_access": False,
+        "backlog": 2048,
+        "http1_settings": HTTP1Settings(max_buffer_size=HTTP1_BUFFER_BYTES),
+        # A worker that dies (killed for memory, a crashing extension) is started again
+        # instead of taking the gateway down; it serves the last good configuration.
+        "respawn_failed_workers": True,
+        "respawn_interval": 1.0,
+    }
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     path = _config_path(args.config).absolute()
     if _load_or_report(path, "not serving.") is None:
         return 1
-    from granian.constants import Interfaces, Loops
-
     from gateway.supervisor import GatewayGranian as Granian
 
     # Workers are separate processes: they find the config through the environment.
@@ -93,27 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     last_good = tempfile.mkdtemp(prefix="gateway-last-good-")
     os.environ[LAST_GOOD_ENV] = last_good
     raise_open_files_limit()
-    try:
-        import uvloop  # noqa: F401
-
-        loop = Loops.uvloop
-    except ImportError:
-        loop = Loops.asyncio
-    server = Granian(
-        "gateway.app:create_app",
-        factory=True,
-        address=args.host,
-        port=args.port,
-        interface=Interfaces.ASGI,
-        workers=args.workers,
-        loop=loop,
-        log_access=False,
-        backlog=2048,
-        # A worker that dies (killed for memory, a crashing extension) is started again
-        # instead of taking the gateway down; it serves the last good configuration.
-        respawn_failed_workers=True,
-        respawn_interval=1.0,
-    )
+    server = Granian("gateway.app:create_app", **server_options(args))
     try:
         server.serve()
     finally:
