@@ -19,6 +19,11 @@ How it works:
    (VmHWM summed over the tree after ``clear_refs``, and a 10 Hz VmRSS sample).
 4. Print a markdown table (figure | direct | gateway | overhead/ratio) and
    optionally write the raw numbers as JSON.
+5. Phase ``image_floor`` sends the image requests to ``scripts/floor_app.py``
+   instead: a bare ASGI app that only reads the body, under the gateway's own
+   granian settings. Its row is granian's cost of receiving the body, which the
+   gateway pays before it does anything; the rest of the image figure is the
+   gateway's own work.
 
 Non-streaming phases use ``wrk`` (with ``scripts/wrk_post.lua``) when it is on
 PATH, else an asyncio+aiohttp client; streams always use the aiohttp client.
@@ -329,6 +334,24 @@ def start_gateway(workdir: Path, config: Path, settings: Settings) -> tuple[Chil
             pass
         time.sleep(0.1)
     raise BenchError(f"the gateway was not ready in {START_TIMEOUT_S:g} s:\n{child.log_tail()}")
+
+
+def start_floor(workdir: Path) -> tuple[Child, int]:
+    """``scripts/floor_app.py``: a bare ASGI app under the gateway's granian settings."""
+    port = free_port()
+    argv = [sys.executable, str(SCRIPTS_DIR / "floor_app.py"), "--host", HOST, "--port", str(port)]
+    child = Child("floor", argv, dict(os.environ), workdir)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise BenchError(f"the bare app exited at start:\n{child.log_tail()}")
+        try:
+            if http_call(f"http://{HOST}:{port}/")[0] == 200:
+                return child, port
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise BenchError(f"the bare app was not ready in {START_TIMEOUT_S:g} s:\n{child.log_tail()}")
 
 
 # ------------------------------------------------------------------ payloads
@@ -694,9 +717,10 @@ class Phase:
     key: str
     title: str
     run: Callable[[Target], LoadResult]
+    side: str = "gateway"  # what is measured after the direct call: the gateway, or the bare "floor" app
 
 
-PHASE_KEYS = ("small_c1", "small_c64", "streams", "slow_streams", "image", "scale")
+PHASE_KEYS = ("small_c1", "small_c64", "streams", "slow_streams", "image", "image_floor", "scale")
 
 
 def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
@@ -734,6 +758,12 @@ def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
             f"{shape.image_mb:g} MB image, c={shape.image_conc}",
             lambda t: plain.run(t.url, t.bodies.image, shape.image_conc, duration_s, image_cap),
         ),
+        Phase(
+            "image_floor",
+            f"{shape.image_mb:g} MB image, c={shape.image_conc}, bare app",
+            lambda t: plain.run(t.url, t.bodies.image, shape.image_conc, duration_s, image_cap),
+            side="floor",
+        ),
     ] + ([scale] if shape.scale_conc else [])
 
 
@@ -763,18 +793,19 @@ def check_end_to_end(gateway: Target, upstream_url: str, shape: Shape) -> None:
 
 
 def run_phases(
-    phases: list[Phase], direct: Target, gateway: Target, gateway_child: Child
+    phases: list[Phase], direct: Target, sides: dict[str, tuple[Target, Child]]
 ) -> dict[str, dict[str, LoadResult]]:
-    """Every phase, direct then gateway, back to back: each gateway figure sits next to its floor."""
+    """Every phase, direct then its side (the gateway or the bare app), back to back: each figure sits next to its floor."""
     results: dict[str, dict[str, LoadResult]] = {}
     for phase in phases:
-        if not gateway_child.alive():
-            raise BenchError(f"the gateway died before phase {phase.key}:\n{gateway_child.log_tail()}")
+        target, child = sides[phase.side]
+        if not child.alive():
+            raise BenchError(f"the {child.name} died before phase {phase.key}:\n{child.log_tail()}")
         direct_result = phase.run(direct)
         log(f"{phase.title:28} direct  {_summary(direct_result)}")
-        gateway_result = measure_gateway(gateway_child, functools.partial(phase.run, gateway))
-        log(f"{phase.title:28} gateway {_summary(gateway_result)}")
-        results[phase.key] = {"direct": direct_result, "gateway": gateway_result}
+        side_result = measure_gateway(child, functools.partial(phase.run, target))
+        log(f"{phase.title:28} {phase.side:7} {_summary(side_result)}")
+        results[phase.key] = {"direct": direct_result, phase.side: side_result}
     return results
 
 
@@ -854,7 +885,16 @@ def figures(results: dict[str, dict[str, LoadResult]], shape: Shape) -> list[Fig
         di, gi = pair("image")
         rows += [
             Figure(f"{image}: p50 latency (ms)", di.p50, gi.p50, "added", 1),
+            Figure(f"{image}: gateway CPU per request (µs)", math.nan, gi.gateway["cpu_us_per_request"], "gateway", 0),
             Figure(f"{image}: gateway peak RSS (MiB)", math.nan, gi.gateway["peak_rss_mib"], "gateway", 0),
+        ]
+    if "image_floor" in results:
+        # The same requests to a bare ASGI app under the gateway's granian settings: what
+        # receiving the body costs any app there, before the gateway does anything.
+        df, ff = results["image_floor"]["direct"], results["image_floor"]["floor"]
+        rows += [
+            Figure(f"{image}: bare granian app p50 latency (ms)", df.p50, ff.p50, "added", 1),
+            Figure(f"{image}: bare granian app CPU per request (µs)", math.nan, ff.gateway["cpu_us_per_request"], "gateway", 0),
         ]
     if "scale" in results:
         dn, gn = pair("scale")
@@ -987,7 +1027,14 @@ def run(settings: Settings, args: argparse.Namespace, workdir: Path, started: li
     if args.only:
         wanted = set(args.only.split(","))
         phases = [phase for phase in phases if phase.key in wanted]
-    results = run_phases(phases, direct, gateway, gateway_child)
+    sides = {"gateway": (gateway, gateway_child)}
+    if any(phase.side == "floor" for phase in phases):
+        floor_child, floor_port = start_floor(workdir)
+        started.append(floor_child)
+        floor = Target("floor", f"http://{HOST}:{floor_port}{CHAT_PATH}", gateway.bodies)
+        warm_up(floor, settings, plain)
+        sides["floor"] = (floor, floor_child)
+    results = run_phases(phases, direct, sides)
     meta["loadavg_after"] = _loadavg()
     rows = figures(results, shape)
     print(render(rows, results, meta), flush=True)

@@ -25,7 +25,10 @@ FIGURE_ROWS = [
     (r"200 streams \([^|]*\): streams/s", True),
     (r"200 streams \([^|]*\): first byte p50 \(ms\)", True),
     (r"4 MB PNG image_url, c=4: p50 latency \(ms\)", True),
+    (r"4 MB PNG image_url, c=4: gateway CPU per request \(µs\)", False),
     (r"4 MB PNG image_url, c=4: gateway peak RSS \(MiB\)", False),
+    (r"4 MB PNG image_url, c=4: bare granian app p50 latency \(ms\)", True),
+    (r"4 MB PNG image_url, c=4: bare granian app CPU per request \(µs\)", False),
     (r"40 open streams \([^|]*\): streams/s", True),
     (r"40 open streams \([^|]*\): first byte p50 \(ms\)", True),
     (r"40 open streams \([^|]*\): gateway memory per open stream \(KiB\)", False),
@@ -78,11 +81,11 @@ def test_json_holds_every_figure(smoke_run: tuple[subprocess.CompletedProcess[st
     document = json.loads(json_path.read_text())
     assert len(document["figures"]) == len(FIGURE_ROWS)
     assert all(isinstance(figure["gateway"], (int, float)) for figure in document["figures"])
-    assert set(document["phases"]) == {"small_c1", "small_c64", "streams", "slow_streams", "image", "scale"}
+    assert set(document["phases"]) == {"small_c1", "small_c64", "streams", "slow_streams", "image", "image_floor", "scale"}
 
 
 def test_only_runs_and_reports_the_phases_named(tmp_path: Path) -> None:
-    """--only image runs that phase alone: its two rows are reported, no other phase's."""
+    """--only image runs that phase alone: its three rows are reported, no other phase's."""
     json_path = tmp_path / "bench.json"
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     done = subprocess.run(
@@ -92,7 +95,25 @@ def test_only_runs_and_reports_the_phases_named(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert set(json.loads(json_path.read_text())["phases"]) == {"image"}
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 2 and all(row.startswith("| 4 MB PNG image_url, c=4:") for row in rows), done.stdout
+    assert len(rows) == 3 and all(row.startswith("| 4 MB PNG image_url, c=4:") for row in rows), done.stdout
+    assert not any("bare granian app" in row for row in rows), done.stdout
+
+
+def test_floor_phase_measures_the_bare_app(tmp_path: Path) -> None:
+    """--only image_floor sends the image requests to the bare app, not the gateway, and reports them as its rows."""
+    json_path = tmp_path / "bench.json"
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    done = subprocess.run(
+        [sys.executable, str(BENCH_SCRIPT), "--smoke", "--only", "image_floor", "--json", str(json_path)],
+        check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=100,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    phases = json.loads(json_path.read_text())["phases"]
+    assert set(phases) == {"image_floor"} and set(phases["image_floor"]) == {"direct", "floor"}
+    assert phases["image_floor"]["floor"]["requests"] > 0
+    assert phases["image_floor"]["floor"]["gateway"]["cpu_s"] > 0  # the bare app's own process tree
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 2 and all("bare granian app" in row for row in rows), done.stdout
 
 
 def test_only_refuses_an_unknown_phase() -> None:
