@@ -1,7 +1,12 @@
-"""The disconnect watch of the completion endpoints (api.edge.cancelled_on_disconnect), both ways it listens.
+"""The completion endpoints' ASGI helpers: the disconnect watch and the body reader.
 
-granian's ``receive()`` returns a future (watched by a callback); other servers'
-return coroutines (watched by a task). Both must behave the same.
+The disconnect watch (``cancelled_on_disconnect``): granian's ``receive()``
+returns a future (watched by a callback); other servers' return coroutines
+(watched by a task). Both must behave the same.
+
+The body reader (``read_body``): whatever pieces the server delivers the body
+in, and whatever length was declared, it returns exactly the bytes that
+arrived, and refuses a body over the limit.
 """
 
 from __future__ import annotations
@@ -10,8 +15,11 @@ import asyncio
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.api.edge import ClientGone, cancelled_on_disconnect
+from gateway.api.edge import UNFILLED_MIN_BYTES, ClientGone, cancelled_on_disconnect, read_body, unfilled_buffer
+from gateway.errors import GatewayError
 
 
 class FutureChannel:
@@ -143,3 +151,82 @@ def test_a_broken_receive_counts_as_a_disconnect() -> None:
         return "ended"
 
     assert run(scenario()) == "ended"
+
+
+
+# ---------------------------------------------------------------- read_body
+
+
+def body_messages(pieces: list[bytes]) -> Any:
+    """receive() delivering ``pieces`` as granian does: each but the last with more_body."""
+    messages = [{"type": "http.request", "body": piece, "more_body": True} for piece in pieces]
+    messages.append({"type": "http.request", "body": b"", "more_body": False})
+    queue = iter(messages)
+
+    async def receive() -> dict[str, Any]:
+        return next(queue)
+
+    return receive
+
+
+@st.composite
+def delivered_bodies(draw: st.DrawFn) -> tuple[bytes, list[bytes], int | None]:
+    """A body, the pieces it arrives in, and the length the client declared (maybe another)."""
+    # Sizes around the point where the reader stops zeroing its buffer.
+    size = draw(st.sampled_from([0, 1, 100, UNFILLED_MIN_BYTES - 1, UNFILLED_MIN_BYTES, 3 * UNFILLED_MIN_BYTES + 7]))
+    seed = draw(st.binary(min_size=1, max_size=64))
+    body = (seed * (size // len(seed) + 1))[:size]
+    cuts = sorted(draw(st.lists(st.integers(0, size), max_size=6)))
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, size], strict=True)]
+    declared = draw(st.sampled_from([size, None, max(0, size - 5), size + 5]))
+    return body, pieces, declared
+
+
+@settings(max_examples=150, deadline=None)
+@given(delivered_bodies())
+def test_read_body_returns_exactly_the_bytes_that_arrived(case: tuple[bytes, list[bytes], int | None]) -> None:
+    """Declared or not, right or wrong, the body read is the pieces joined: no byte lost, none invented.
+
+    A declared length over what arrives leaves part of the buffer unwritten
+    (and, from UNFILLED_MIN_BYTES up, not zeroed): none of it may come back.
+    """
+    body, pieces, declared = case
+    got = run(read_body(body_messages(pieces), limit=1 << 30, declared=declared))
+    assert bytes(got) == body
+
+
+def test_read_body_refuses_a_declared_length_over_the_limit_before_reading() -> None:
+    async def never() -> dict[str, Any]:
+        raise AssertionError("read a body it should have refused")
+
+    with pytest.raises(GatewayError) as refused:
+        run(read_body(never, limit=1000, declared=1001))
+    assert refused.value.code == "request_too_large"
+
+
+@pytest.mark.parametrize("declared", [None, 10])
+def test_read_body_refuses_a_body_that_grows_over_the_limit(declared: int | None) -> None:
+    with pytest.raises(GatewayError) as refused:
+        run(read_body(body_messages([b"x" * 600, b"x" * 600]), limit=1000, declared=declared))
+    assert refused.value.code == "request_too_large"
+
+
+def test_read_body_of_a_client_that_leaves_is_client_gone() -> None:
+    messages = iter([{"type": "http.request", "body": b"abc", "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    with pytest.raises(ClientGone):
+        run(read_body(receive, limit=1000, declared=10))
+
+
+def test_unfilled_buffer_has_the_size_asked_for_and_is_writable() -> None:
+    for size in (0, 5, UNFILLED_MIN_BYTES, 5_000_000):
+        buffer = unfilled_buffer(size)
+        assert type(buffer) is bytearray and len(buffer) == size
+        if size:
+            buffer[-1:] = b"z"
+            assert buffer[-1:] == b"z"
+    with pytest.raises(MemoryError):
+        unfilled_buffer(1 << 62)
