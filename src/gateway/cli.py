@@ -85,7 +85,7 @@ def raise_open_files_limit() -> None:
 # event loop. 1 MiB against granian's default of 408 KiB, measured with 4 images
 # of 4 MB in flight (``scripts/bench.py --only image``, interleaved runs): p50
 # 15.8 ms instead of 17.1, 0.3 ms less CPU per request, 14 MiB more peak RSS.
-# 2 MiB and more measured worse (larger reads fault in fresh pages).
+# 2 and 4 MiB measured no better, for more RSS.
 HTTP1_BUFFER_BYTES = 1024 * 1024
 
 
