@@ -149,6 +149,15 @@ def test_an_escaped_uri_decodes_as_usual() -> None:
     assert decode_leaving_uris(raw) is None
 
 
+def test_a_uri_holding_an_escaped_quote_is_left_to_the_ordinary_path() -> None:
+    """Its next quote is an escaped one, so the span up to it is not the string: the path does not answer."""
+    uri = data_uri(PNG + bytes(100_000)) + '"' + "A" * 100
+    raw = json.dumps(chat(image_part(uri), max_tokens=5)).encode()
+    assert b'\\"' in raw
+    assert inspect_in_place(raw) is None
+    assert ordinary(raw)[0] == "invalid_image"
+
+
 def test_a_url_outside_the_image_parts_decodes_as_usual() -> None:
     uri = data_uri(PNG + bytes(100_000))
     raw = json.dumps(chat(image_part(uri), url=uri)).encode()
