@@ -242,6 +242,16 @@ def test_reloads_under_load_fail_no_request(
                     lambda: chat(client, gateway, "doomed").status_code == 404, NEW_ALIAS_DEADLINE_S, "doomed removed"
                 )
                 assert doomed.is_alive(), "the doomed stream ended before its alias was removed"
+            if i == 18:
+                # The last good write must be loaded before the bad one replaces it: under
+                # load a reload can lag a write, and then the file it reads is already the
+                # bad one (the gateway rightly serves the good write before, which the
+                # check below would take for a failure).
+                wait_for(
+                    lambda: status(client, gateway)["config_hash"] == hashlib.sha256(last_good.encode()).hexdigest(),
+                    NEW_ALIAS_DEADLINE_S,
+                    "the last good write serving",
+                )
             time.sleep(0.1)  # spread the writes over about two seconds of load
         # The last write is a bad one: the last good write serves, and the error shows.
         last_good_hash = hashlib.sha256(last_good.encode()).hexdigest()
