@@ -247,8 +247,9 @@ def test_reloads_under_load_fail_no_request(
                 # load a reload can lag a write, and then the file it reads is already the
                 # bad one (the gateway rightly serves the good write before, which the
                 # check below would take for a failure).
+                written_hash = hashlib.sha256(last_good.encode()).hexdigest()
                 wait_for(
-                    lambda: status(client, gateway)["config_hash"] == hashlib.sha256(last_good.encode()).hexdigest(),
+                    lambda expected=written_hash: status(client, gateway)["config_hash"] == expected,
                     NEW_ALIAS_DEADLINE_S,
                     "the last good write serving",
                 )
