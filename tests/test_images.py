@@ -479,12 +479,17 @@ def test_big_image_with_bad_tail_refused_with_small_peak(big_png_uri: str) -> No
 _PAYLOAD_CHARS = "QUJDAB+/=-_ \né"
 
 
-@given(st.text(alphabet=_PAYLOAD_CHARS, max_size=40), st.sampled_from([4, 8, 12, 1 << 18]))
+@given(st.text(alphabet=_PAYLOAD_CHARS, max_size=40), st.sampled_from([4, 8, 12, 1 << 18, 1 << 20]))
 def test_property_fast_check_agrees_with_wording_checks(payload: str, slice_chars: int) -> None:
-    """The strict SIMD check accepts exactly what the alphabet and length checks accept, at any slice size."""
-    with mock.patch.object(images, "_CHECK_SLICE_CHARS", slice_chars):
-        fast = images._is_strict_base64(payload, 0, len(payload))
-    assert fast == (images._is_base64_payload(payload, 0) and len(payload) % 4 == 0)
+    """The strict SIMD check accepts exactly what the alphabet and length checks accept, at any slice size,
+    over a ``str`` and over the JSON bytes of a value left in the body (a ``memoryview``) alike."""
+    wording = images._is_base64_payload(payload, 0) and len(payload) % 4 == 0
+    view = memoryview(payload.encode())
+    with mock.patch.object(images, "_CHECK_SLICE_CHARS", slice_chars), mock.patch.object(
+        images, "_CHECK_SLICE_VIEW_BYTES", slice_chars
+    ):
+        assert images._is_strict_base64(payload, 0, len(payload)) == wording
+        assert images._is_strict_base64(view, 0, len(view)) == wording
 
 
 def test_padding_at_a_slice_end_mid_payload_refused() -> None:

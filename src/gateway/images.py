@@ -85,8 +85,13 @@ _SNIFF_CHARS: Final[int] = 64
 _BASE64_ALPHABET: Final[bytes] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 # Payloads are checked in slices of this many characters (a multiple of 4, so
 # every slice but the last is whole base64 quanta), which keeps the extra
-# memory near 2 x 256 KiB however large the image.
+# memory near 2 x 256 KiB however large the image: a slice of a ``str`` is a copy.
 _CHECK_SLICE_CHARS: Final[int] = 1 << 18
+# A slice of a ``memoryview`` (a large image left in the body, ``gateway.bulk``)
+# is not a copy, so only the decoded slice is extra: 768 KiB at this size. A
+# 5.3 MB payload not in the cache checked in 0.39 ms in 1 MiB slices, 0.46 in
+# 512 KiB and 0.56 in 256 KiB; 2 MiB was no faster.
+_CHECK_SLICE_VIEW_BYTES: Final[int] = 1 << 20
 
 
 def _is_strict_base64(data: str | memoryview, start: int, end: int) -> bool:
@@ -97,14 +102,15 @@ def _is_strict_base64(data: str | memoryview, start: int, end: int) -> bool:
     a 4 MB image: 0.2 ms, against 2.5 ms for the bytes.translate check below and
     7.8 ms for a character-class regex. A ``memoryview`` is read in place.
     """
-    for i in range(start, end, _CHECK_SLICE_CHARS):
-        piece = data[i : min(i + _CHECK_SLICE_CHARS, end)]
+    step = _CHECK_SLICE_VIEW_BYTES if type(data) is memoryview else _CHECK_SLICE_CHARS
+    for i in range(start, end, step):
+        piece = data[i : min(i + step, end)]
         try:
             pybase64.b64decode(piece, validate=True)
         except (binascii.Error, ValueError):
             return False
         # A slice may end in padding only if it is the last one.
-        if i + _CHECK_SLICE_CHARS < end and piece[-1] in ("=", 0x3D):
+        if i + step < end and piece[-1] in ("=", 0x3D):
             return False
     return True
 
