@@ -16,6 +16,7 @@ from gateway import bulk
 from gateway.bulk import decode_leaving_uris, inspect_in_place
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts, inspect_request
+from gateway.shaping import top_level_spans
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(40)
 JPEG = b"\xff\xd8\xff\xe0" + bytes(40)
@@ -112,14 +113,19 @@ def test_property_in_place_answers_as_the_ordinary_path_or_not_at_all(
         plain = not escape_slashes and "url" not in json.dumps(fields) and clean_images
         assert not (isinstance(expected, RequestFacts) and has_image and plain), "a valid body was not decoded in place"
         return
-    in_place, facts = result
+    in_place, facts, strings = result
     assert facts == expected
     assert msgspec.json.decode(msgspec.json.encode(in_place)) == decoded
-    assert any(
-        isinstance(part.get("image_url", {}).get("url"), msgspec.Raw)
+    raws = [
+        part["image_url"]["url"]
         for message in in_place["messages"]
         for part in message["content"]
-    )
+        if isinstance(part.get("image_url", {}).get("url"), msgspec.Raw)
+    ]
+    assert raws
+    # Each raw value's span is a whole string token of the body: the splice may cross it unsearched.
+    assert sorted(bytes(raw[opening : closing + 1]) for opening, closing in strings.items()) == sorted(map(bytes, raws))
+    assert top_level_spans(raw, strings) == top_level_spans(raw)
 
 
 # --- cases ------------------------------------------------------------------------
@@ -130,8 +136,9 @@ def test_a_large_image_is_left_as_its_own_bytes() -> None:
     raw = json.dumps(chat({"type": "text", "text": "what is this?"}, image_part(uri), max_tokens=32)).encode()
     result = inspect_in_place(raw)
     assert result is not None
-    body, facts = result
+    body, facts, strings = result
     url = body["messages"][0]["content"][1]["image_url"]["url"]
+    assert [bytes(raw[opening : closing + 1]) for opening, closing in strings.items()] == [bytes(url)]
     assert isinstance(url, msgspec.Raw)
     assert bytes(url) == f'"{uri}"'.encode()
     assert facts == inspect_request(msgspec.json.decode(raw))
@@ -144,9 +151,11 @@ def test_small_images_decode_as_usual() -> None:
 
 
 def test_an_escaped_uri_decodes_as_usual() -> None:
+    """A value holding a backslash is never accepted: the ordinary path decodes the body, and accepts it."""
     raw = json.dumps(chat(image_part(data_uri(PNG + bytes(100_000))))).encode().replace(b"/", b"\\/")
     assert b"\\/" in raw
-    assert decode_leaving_uris(raw) is None
+    assert inspect_in_place(raw) is None
+    assert isinstance(ordinary(raw)[0], RequestFacts)
 
 
 def test_a_uri_holding_an_escaped_quote_is_left_to_the_ordinary_path() -> None:

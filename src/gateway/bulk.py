@@ -17,21 +17,27 @@ every refusal, and every answer, is the one the ordinary path would give.
 
 Why leaving a string out cannot change what the body means: a value is left
 raw only when, walking back from its opening quote over whitespace, there is a
-':' and before it the key ``"url"``, and when no backslash lies between its
-quotes. In valid JSON that makes it one string token whose closing quote is
-the next quote, and the placeholder put in its place is another string token,
-so the rest decodes exactly as before; in invalid JSON the same tokens stay
-invalid around the placeholder. A placeholder carries a random token, so a
-client cannot write one, and it is put back only where an image URL belongs
-(``messages[i].content[j].image_url.url`` of an ``image_url`` part, which
-inspection checks): if any placeholder is found elsewhere, or not at all, the
-body is decoded as usual.
+':' and before it the key ``"url"``; it runs to the next quote. A placeholder
+carries a random token, so a client cannot write one, and it is put back only
+where an image URL belongs (``messages[i].content[j].image_url.url`` of an
+``image_url`` part): if any placeholder is found elsewhere, or not at all, the
+body is decoded as usual. Inspection then walks every such part, and accepts a
+raw value only if it is a valid image URL: a header of plain ASCII without a
+backslash, then strict base64. So in a body this path accepts, no backslash
+lies between the quotes of a raw value: in valid JSON each is then one string
+token whose closing quote is the next quote, and the placeholder put in its
+place is another string token, so the rest decoded exactly as before (in
+invalid JSON the same tokens stay invalid around the placeholder). A value
+holding a backslash, whose next quote may be an escaped one, is never
+accepted, so nothing decoded around it is ever used. Leaving that to
+inspection, rather than scanning each value for a backslash first, saves a
+pass over every large image.
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
@@ -39,7 +45,7 @@ from gateway.errors import GatewayError
 from gateway.facts import RequestFacts, inspect_request
 from gateway.images import RawImageDeclined
 
-__all__ = ["LARGE_URI_BYTES", "decode_leaving_uris", "inspect_in_place"]
+__all__ = ["LARGE_URI_BYTES", "InPlace", "decode_leaving_uris", "inspect_in_place"]
 
 # Below this a string costs less to decode than to find and check.
 LARGE_URI_BYTES: Final[int] = 1 << 16
@@ -50,18 +56,29 @@ _decode = msgspec.json.Decoder().decode
 _WHITESPACE: Final[bytes] = b" \t\r\n"
 
 
-def inspect_in_place(raw: bytes | bytearray) -> tuple[dict[str, Any], RequestFacts] | None:
+class InPlace(NamedTuple):
+    """A body decoded in place: the body, its facts, and where its raw values lie in the JSON."""
+
+    body: dict[str, Any]
+    facts: RequestFacts
+    # Opening quote -> closing quote of each value left raw: accepted, so each is
+    # one whole string token (``shaping.top_level_spans`` crosses them unsearched).
+    strings: dict[int, int]
+
+
+def inspect_in_place(raw: bytes | bytearray) -> InPlace | None:
     """The body, with its large image URIs left raw, and its facts; or None.
 
     None means: decode ``raw`` as usual and inspect that. It is the answer for
     a body with no large image URI, and for any body that the ordinary path
     might answer differently (one it would refuse, above all).
     """
-    body = decode_leaving_uris(raw)
-    if body is None:
+    decoded = _decode_around(raw)
+    if decoded is None:
         return None
+    body, spans = decoded
     try:
-        return body, inspect_request(body)
+        return InPlace(body, inspect_request(body), dict(spans))
     except (GatewayError, RawImageDeclined):
         return None
 
@@ -72,6 +89,12 @@ def decode_leaving_uris(raw: bytes | bytearray) -> dict[str, Any] | None:
     None when there is no such URI, or when the body cannot be decoded that
     way with certainty (see the module docstring); then decode it as usual.
     """
+    decoded = _decode_around(raw)
+    return None if decoded is None else decoded[0]
+
+
+def _decode_around(raw: bytes | bytearray) -> tuple[dict[str, Any], list[tuple[int, int]]] | None:
+    """``decode_leaving_uris``, with the spans (quote to quote) of the values left raw."""
     spans = _uri_spans(raw)
     if not spans:
         return None
@@ -92,7 +115,7 @@ def decode_leaving_uris(raw: bytes | bytearray) -> dict[str, Any] | None:
         return None
     if type(body) is not dict or _put_back(body, raws) != len(raws):
         return None
-    return body
+    return body, spans
 
 
 def _uri_spans(raw: bytes | bytearray) -> list[tuple[int, int]]:
@@ -103,11 +126,8 @@ def _uri_spans(raw: bytes | bytearray) -> list[tuple[int, int]]:
         closing = raw.find(b'"', at + 1)
         if closing < 0:
             break
-        if (
-            closing - at > LARGE_URI_BYTES
-            and _is_url_value(raw, at)
-            and raw.find(b"\\", at, closing) < 0
-        ):
+        # No scan for a backslash: inspection refuses a value holding one (module docstring).
+        if closing - at > LARGE_URI_BYTES and _is_url_value(raw, at):
             spans.append((at, closing))
             at = raw.find(b'"data:', closing + 1)
         else:

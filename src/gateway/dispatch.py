@@ -52,7 +52,7 @@ from gateway.config.model import RoutingConfig
 from gateway.errors import GatewayError, Location
 from gateway.h1 import RequestBody
 from gateway.health import HealthBoard
-from gateway.shaping import message_images, upstream_body
+from gateway.shaping import KeptBody, message_images, upstream_body
 from gateway.snapshot import CompiledAlias, Target
 from gateway.sse import DONE, SSEDecoder
 from gateway.upstream import UpstreamClient, UpstreamFault, UpstreamStream, retry_after_s
@@ -177,17 +177,17 @@ class Dispatcher:
         self._slots = slots or Unlimited()
 
     async def complete(
-        self, alias: CompiledAlias, targets: tuple[Target, ...], body: Mapping[str, Any], raw: bytes | bytearray | None = None
+        self, alias: CompiledAlias, targets: tuple[Target, ...], body: Mapping[str, Any], kept: KeptBody | None = None
     ) -> Served:
-        """``raw``: the JSON ``body`` came from, kept for a large body (``shaping.upstream_body``)."""
-        served = await self._run(alias, targets, body, self._attempt_complete, raw)
+        """``kept``: the JSON ``body`` came from, kept for a large body (``shaping.upstream_body``)."""
+        served = await self._run(alias, targets, body, self._attempt_complete, kept)
         assert isinstance(served, Served)
         return served
 
     async def open_stream(
-        self, alias: CompiledAlias, targets: tuple[Target, ...], body: Mapping[str, Any], raw: bytes | bytearray | None = None
+        self, alias: CompiledAlias, targets: tuple[Target, ...], body: Mapping[str, Any], kept: KeptBody | None = None
     ) -> StreamStart:
-        started = await self._run(alias, targets, body, self._attempt_stream, raw)
+        started = await self._run(alias, targets, body, self._attempt_stream, kept)
         assert isinstance(started, StreamStart)
         return started
 
@@ -199,7 +199,7 @@ class Dispatcher:
         targets: tuple[Target, ...],
         body: Mapping[str, Any],
         attempt: Callable[[Target, RequestBody, float], Awaitable[Verdict]],
-        raw: bytes | bytearray | None = None,
+        kept: KeptBody | None = None,
     ) -> Served | StreamStart:
         routing = self._routing() or RoutingConfig()
         deadline = time.monotonic() + alias.deadline_s
@@ -216,7 +216,7 @@ class Dispatcher:
             if cooling_s > 0:
                 attempts.append(Attempt(target.alias, target.backend_name, "cooling_down", f"skipped for {cooling_s:.1f} s more", 0.0, called=False))
                 continue
-            result = await self._try_target(routing, target, upstream_body(body, target, raw), body, deadline, attempts, attempt)
+            result = await self._try_target(routing, target, upstream_body(body, target, kept), body, deadline, attempts, attempt)
             if result is not None:
                 result.attempts = attempts
                 # DEBUG, not INFO: a line per request on the hot path measured 472 → 380 µs of

@@ -25,7 +25,7 @@ whose media type matches their bytes (sniffed, not assumed).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -85,18 +85,28 @@ _BACKSLASH, _COLON, _COMMA = 0x5C, 0x3A, 0x2C
 _JSON_SPACE = b" \t\r\n"
 
 
-def upstream_body(body: Mapping[str, Any], target: Target, raw: bytes | bytearray | None = None) -> RequestBody:
+class KeptBody(NamedTuple):
+    """The JSON a large body was decoded from, kept to splice into (``upstream_body``)."""
+
+    raw: bytes | bytearray
+    # Strings already found in ``raw``, each known to be one whole string token:
+    # opening quote -> closing quote (``bulk``'s image URIs). ``top_level_spans``
+    # crosses them without searching for their end, a pass over megabytes.
+    strings: Mapping[int, int] | None = None
+
+
+def upstream_body(body: Mapping[str, Any], target: Target, kept: KeptBody | None = None) -> RequestBody:
     """The request for ``target``, encoded.
 
-    ``raw`` is the JSON ``body`` was decoded from, when it is worth keeping (an
-    image of many megabytes). Shaping changes top-level fields only, so the
-    upstream body is then ``raw``'s own bytes for every value shaping kept,
+    ``kept`` holds the JSON ``body`` was decoded from, when it is worth keeping
+    (an image of many megabytes). Shaping changes top-level fields only, so the
+    upstream body is then that JSON's own bytes for every value shaping kept,
     and new JSON only for the few it changed or added (``splice_body``): no
     re-encoding of the image (about 1 ms per 4 MB) and no copy of it.
     """
     shaped = shape_upstream(body, target)
-    if raw is not None:
-        spliced = splice_body(raw, body, shaped)
+    if kept is not None:
+        spliced = splice_body(kept.raw, body, shaped, kept.strings)
         if spliced is not None:
             return spliced
     return _encode(shaped)
@@ -107,15 +117,18 @@ def upstream_body(body: Mapping[str, Any], target: Target, raw: bytes | bytearra
 _VIEW_MIN_BYTES = 64 * 1024
 
 
-def splice_body(raw: bytes | bytearray, body: Mapping[str, Any], shaped: Mapping[str, Any]) -> tuple[bytes | memoryview, ...] | None:
+def splice_body(
+    raw: bytes | bytearray, body: Mapping[str, Any], shaped: Mapping[str, Any], strings: Mapping[int, int] | None = None
+) -> tuple[bytes | memoryview, ...] | None:
     """``shaped`` as JSON pieces: ``raw``'s bytes for each value that ``body`` and ``shaped`` share.
 
     ``body`` is what ``raw`` decodes to; ``shaped`` is ``body`` with top-level
     fields changed, added or dropped, the kept ones being the very same
     objects. None when ``raw``'s top level cannot be mapped with certainty
-    (``top_level_spans``); the caller then encodes ``shaped`` instead.
+    (``top_level_spans``, which crosses the known ``strings``); the caller then
+    encodes ``shaped`` instead.
     """
-    spans = top_level_spans(raw)
+    spans = top_level_spans(raw, strings)
     if spans is None or spans.keys() != body.keys():
         return None
     view = memoryview(raw)
@@ -138,7 +151,7 @@ def splice_body(raw: bytes | bytearray, body: Mapping[str, Any], shaped: Mapping
     return tuple(pieces)
 
 
-def top_level_spans(raw: bytes | bytearray) -> dict[str, tuple[int, int]] | None:
+def top_level_spans(raw: bytes | bytearray, strings: Mapping[int, int] | None = None) -> dict[str, tuple[int, int]] | None:
     """Where each top-level field's value lies in ``raw`` (a JSON object), or None if unsure.
 
     It walks the JSON from string to string (``find`` of the next quote: a
@@ -148,6 +161,8 @@ def top_level_spans(raw: bytes | bytearray) -> dict[str, tuple[int, int]] | None
     when a top-level key is repeated or escaped (a decoder's choice, or a key
     spelled otherwise than it reads), or when the body has over
     ``SPLICE_MAX_STRINGS`` strings (walking it would cost more than encoding).
+    ``strings`` maps the opening quote of strings known to be whole tokens to
+    their closing quote: those are crossed without a search.
     """
     depth = 0
     at = 0
@@ -158,16 +173,20 @@ def top_level_spans(raw: bytes | bytearray) -> dict[str, tuple[int, int]] | None
             break
         between = raw[at:start]
         depth += between.count(b"{") + between.count(b"[") - between.count(b"}") - between.count(b"]")
-        end = start
-        while True:
-            end = raw.find(b'"', end + 1)
-            if end < 0:
-                return None
-            slashes = 0
-            while raw[end - 1 - slashes] == _BACKSLASH:
-                slashes += 1
-            if slashes % 2 == 0:
-                break
+        known_end = strings.get(start) if strings else None
+        if known_end is not None:
+            end = known_end
+        else:
+            end = start
+            while True:
+                end = raw.find(b'"', end + 1)
+                if end < 0:
+                    return None
+                slashes = 0
+                while raw[end - 1 - slashes] == _BACKSLASH:
+                    slashes += 1
+                if slashes % 2 == 0:
+                    break
         at = end + 1
         if depth != 1:
             continue

@@ -41,7 +41,7 @@ from gateway.metrics import Metrics
 from gateway.relay import StreamRelay, relay_stream
 from gateway.reload import SnapshotHolder
 from gateway.routing import plan_attempts
-from gateway.shaping import SPLICE_MIN_BYTES, client_body
+from gateway.shaping import SPLICE_MIN_BYTES, KeptBody, client_body
 
 log = logging.getLogger("gateway.completions")
 
@@ -83,10 +83,11 @@ class CompletionService:
             raw = await read_body(receive, snapshot.config.server.max_request_bytes, declared_length(scope))
             # Only a large chat body is worth keeping, to splice `model` into (shaping.upstream_body),
             # and worth decoding around its images (bulk).
-            kept = raw if translate is None and len(raw) >= SPLICE_MIN_BYTES else None
-            inspected = inspect_in_place(raw) if kept is not None else None
+            keep = translate is None and len(raw) >= SPLICE_MIN_BYTES
+            inspected = inspect_in_place(raw) if keep else None
+            kept = KeptBody(raw, inspected.strings if inspected is not None else None) if keep else None
             if inspected is not None:
-                body, facts = inspected
+                body, facts = inspected.body, inspected.facts
             else:
                 try:
                     body = _decode(raw)
@@ -129,9 +130,9 @@ class CompletionService:
         except ClientGone:
             pass  # nobody left to tell
 
-    async def _complete(self, send: Any, alias: Any, targets: Any, body: Any, raw: Any, ticket: Ticket, extra: Headers) -> None:
+    async def _complete(self, send: Any, alias: Any, targets: Any, body: Any, kept: KeptBody | None, ticket: Ticket, extra: Headers) -> None:
         try:
-            served = await self.dispatcher.complete(alias, targets, body, raw)
+            served = await self.dispatcher.complete(alias, targets, body, kept)
         except BaseException:
             ticket.settle(None)
             raise
@@ -142,9 +143,9 @@ class CompletionService:
         headers = [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts), *ticket.headers, *extra]
         await send_bytes(send, 200, out, headers)
 
-    async def _stream(self, send: Any, alias: Any, targets: Any, body: Any, raw: Any, ticket: Ticket, extra: Headers) -> None:
+    async def _stream(self, send: Any, alias: Any, targets: Any, body: Any, kept: KeptBody | None, ticket: Ticket, extra: Headers) -> None:
         try:
-            start = await self.dispatcher.open_stream(alias, targets, body, raw)
+            start = await self.dispatcher.open_stream(alias, targets, body, kept)
         except BaseException:
             ticket.settle(None)
             raise
