@@ -83,8 +83,9 @@ def raise_open_files_limit() -> None:
 # hands each read to the app as one piece: a bigger buffer means fewer pieces per
 # large body, and every piece is a hand-off between granian's I/O thread and the
 # event loop. 1 MiB against granian's default of 408 KiB, measured with 4 images
-# of 4 MB in flight (``scripts/bench.py --only image``, interleaved runs): p50
-# 15.8 ms instead of 17.1, 0.3 ms less CPU per request, 14 MiB more peak RSS.
+# of 4 MB in flight (wrk against a worker and the upstream stand-in, runs of each
+# interleaved): p50 15.8 ms instead of 17.1, 0.3 ms less CPU per request, 14 MiB
+# more peak RSS.
 # 2 and 4 MiB measured no better, for more RSS.
 HTTP1_BUFFER_BYTES = 1024 * 1024
 
