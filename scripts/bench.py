@@ -323,17 +323,22 @@ def start_gateway(workdir: Path, config: Path, settings: Settings) -> tuple[Chil
     argv += ["--workers", str(settings.workers)]
     env = dict(os.environ, GATEWAY_API_KEYS=API_KEY, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     child = Child("gateway", argv, env, workdir)
+    return wait_ready(child, f"http://{HOST}:{port}/readyz", "the gateway"), port
+
+
+def wait_ready(child: Child, url: str, what: str) -> Child:
+    """``child`` once ``url`` answers 200; BenchError if it exits or takes too long."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if not child.alive():
-            raise BenchError(f"the gateway exited at start:\n{child.log_tail()}")
+            raise BenchError(f"{what} exited at start:\n{child.log_tail()}")
         try:
-            if http_call(f"http://{HOST}:{port}/readyz", timeout_s=2)[0] == 200:
-                return child, port
+            if http_call(url, timeout_s=2)[0] == 200:
+                return child
         except OSError:
             pass
         time.sleep(0.1)
-    raise BenchError(f"the gateway was not ready in {START_TIMEOUT_S:g} s:\n{child.log_tail()}")
+    raise BenchError(f"{what} was not ready in {START_TIMEOUT_S:g} s:\n{child.log_tail()}")
 
 
 def start_floor(workdir: Path) -> tuple[Child, int]:
@@ -341,17 +346,7 @@ def start_floor(workdir: Path) -> tuple[Child, int]:
     port = free_port()
     argv = [sys.executable, str(SCRIPTS_DIR / "floor_app.py"), "--host", HOST, "--port", str(port)]
     child = Child("floor", argv, dict(os.environ), workdir)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise BenchError(f"the bare app exited at start:\n{child.log_tail()}")
-        try:
-            if http_call(f"http://{HOST}:{port}/")[0] == 200:
-                return child, port
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"the bare app was not ready in {START_TIMEOUT_S:g} s:\n{child.log_tail()}")
+    return wait_ready(child, f"http://{HOST}:{port}/", "the bare app"), port
 
 
 # ------------------------------------------------------------------ payloads

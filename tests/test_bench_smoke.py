@@ -35,21 +35,25 @@ FIGURE_ROWS = [
 ]
 
 
+def run_smoke(json_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``bench.py --smoke ARGS --json JSON_PATH``, as ``.venv/bin/python scripts/bench.py`` would run."""
+    # The venv's bin first on PATH, as `.venv/bin/python scripts/bench.py` would have it.
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    return subprocess.run(
+        [sys.executable, str(BENCH_SCRIPT), "--smoke", *args, "--json", str(json_path)],
+        check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=100,
+    )
+
+
+def report_rows(stdout: str) -> list[str]:
+    """The figure rows of the report's table (no header, no rule)."""
+    return [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     json_path = tmp_path_factory.mktemp("bench") / "bench.json"
-    # The venv's bin first on PATH, as `.venv/bin/python scripts/bench.py` would have it.
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    done = subprocess.run(
-        [sys.executable, str(BENCH_SCRIPT), "--smoke", "--scale", "40", "--json", str(json_path)],
-        check=False,
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    return done, json_path
+    return run_smoke(json_path, "--scale", "40"), json_path
 
 
 def test_smoke_run_exits_zero(smoke_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
@@ -87,14 +91,10 @@ def test_json_holds_every_figure(smoke_run: tuple[subprocess.CompletedProcess[st
 def test_only_runs_and_reports_the_phases_named(tmp_path: Path) -> None:
     """--only image runs that phase alone: its three rows are reported, no other phase's."""
     json_path = tmp_path / "bench.json"
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    done = subprocess.run(
-        [sys.executable, str(BENCH_SCRIPT), "--smoke", "--only", "image", "--json", str(json_path)],
-        check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=100,
-    )
+    done = run_smoke(json_path, "--only", "image")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert set(json.loads(json_path.read_text())["phases"]) == {"image"}
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    rows = report_rows(done.stdout)
     assert len(rows) == 3 and all(row.startswith("| 4 MB PNG image_url, c=4:") for row in rows), done.stdout
     assert not any("bare granian app" in row for row in rows), done.stdout
 
@@ -102,17 +102,13 @@ def test_only_runs_and_reports_the_phases_named(tmp_path: Path) -> None:
 def test_floor_phase_measures_the_bare_app(tmp_path: Path) -> None:
     """--only image_floor sends the image requests to the bare app, not the gateway, and reports them as its rows."""
     json_path = tmp_path / "bench.json"
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    done = subprocess.run(
-        [sys.executable, str(BENCH_SCRIPT), "--smoke", "--only", "image_floor", "--json", str(json_path)],
-        check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=100,
-    )
+    done = run_smoke(json_path, "--only", "image_floor")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     phases = json.loads(json_path.read_text())["phases"]
     assert set(phases) == {"image_floor"} and set(phases["image_floor"]) == {"direct", "floor"}
     assert phases["image_floor"]["floor"]["requests"] > 0
     assert phases["image_floor"]["floor"]["gateway"]["cpu_s"] > 0  # the bare app's own process tree
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    rows = report_rows(done.stdout)
     assert len(rows) == 2 and all("bare granian app" in row for row in rows), done.stdout
 
 
