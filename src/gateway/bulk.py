@@ -73,7 +73,7 @@ def inspect_in_place(raw: bytes | bytearray) -> InPlace | None:
     a body with no large image URI, and for any body that the ordinary path
     might answer differently (one it would refuse, above all).
     """
-    decoded = _decode_around(raw)
+    decoded = decode_leaving_uris(raw)
     if decoded is None:
         return None
     body, spans = decoded
@@ -83,18 +83,13 @@ def inspect_in_place(raw: bytes | bytearray) -> InPlace | None:
         return None
 
 
-def decode_leaving_uris(raw: bytes | bytearray) -> dict[str, Any] | None:
-    """``raw`` decoded with each large image data URI as a ``msgspec.Raw``, or None.
+def decode_leaving_uris(raw: bytes | bytearray) -> tuple[dict[str, Any], list[tuple[int, int]]] | None:
+    """``raw`` decoded with each large image data URI as a ``msgspec.Raw``, and those values' spans; or None.
 
-    None when there is no such URI, or when the body cannot be decoded that
-    way with certainty (see the module docstring); then decode it as usual.
+    A span is a value's two quotes' offsets in ``raw``. None when there is no
+    such URI, or when the body cannot be decoded that way with certainty (see
+    the module docstring); then decode it as usual.
     """
-    decoded = _decode_around(raw)
-    return None if decoded is None else decoded[0]
-
-
-def _decode_around(raw: bytes | bytearray) -> tuple[dict[str, Any], list[tuple[int, int]]] | None:
-    """``decode_leaving_uris``, with the spans (quote to quote) of the values left raw."""
     spans = _uri_spans(raw)
     if not spans:
         return None

@@ -13,9 +13,9 @@ is about 27 MB of base64 already held in memory as the ``str`` the JSON parser
 produced. Decoding it, ``.encode()``-ing it or slicing the payload out of the
 URI would each allocate another tens of megabytes per image, per request. So
 the payload is checked slice by slice: pybase64's strict SIMD decoder checks
-each 256 KiB slice and its output is dropped at once, the decoded size is
-arithmetic on the length and the padding, and only a short prefix is decoded to
-sniff the type. The slow paths (the stdlib alphabet check that says what is
+each slice and its output is dropped at once, the decoded size is arithmetic
+on the length and the padding, and only a short prefix is decoded to sniff the
+type. The slow paths (the stdlib alphabet check that says what is
 wrong, locating the offending character) run only for a payload the fast check
 has already refused.
 """

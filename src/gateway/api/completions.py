@@ -83,9 +83,10 @@ class CompletionService:
             raw = await read_body(receive, snapshot.config.server.max_request_bytes, declared_length(scope))
             # Only a large chat body is worth keeping, to splice `model` into (shaping.upstream_body),
             # and worth decoding around its images (bulk).
-            keep = translate is None and len(raw) >= SPLICE_MIN_BYTES
-            inspected = inspect_in_place(raw) if keep else None
-            kept = KeptBody(raw, inspected.strings if inspected is not None else None) if keep else None
+            kept = inspected = None
+            if translate is None and len(raw) >= SPLICE_MIN_BYTES:
+                inspected = inspect_in_place(raw)
+                kept = KeptBody(raw, inspected.strings if inspected is not None else None)
             if inspected is not None:
                 body, facts = inspected.body, inspected.facts
             else:
