@@ -35,12 +35,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return
     if scope["type"] != "http":
         return
-    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-        size += len(message.get("body", b""))
         if not message.get("more_body", False):
             break
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
