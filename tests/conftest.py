@@ -6,6 +6,7 @@ writes a models.toml into the test's temp dir and starts ``gateway serve`` on
 it; every gateway it started is stopped at the end of the test.
 """
 
+import itertools
 import os
 import sys
 import tracemalloc
@@ -19,6 +20,7 @@ TESTS_DIR = str(Path(__file__).resolve().parent)
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
+from gateway.chunks import Chunks
 from harness import CLIENT_KEY, UPSTREAM_KEY, GatewayProcess, StandIn, start_gateway, start_standin
 
 # A fast profile for CI, a thorough one for local runs: HYPOTHESIS_PROFILE=thorough.
@@ -26,6 +28,14 @@ settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_
 settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+
+
+def in_pieces(raw: bytes, cuts: list[int] | None = None, size: int = 1 << 16) -> Chunks:
+    """``raw`` as a server might deliver it: cut at ``cuts`` (offsets modulo its length + 1), else every ``size`` bytes."""
+    if cuts is None:
+        cuts = list(range(size, len(raw), size))
+    at = sorted({cut % (len(raw) + 1) for cut in cuts} | {0, len(raw)})
+    return Chunks(raw[a:b] for a, b in itertools.pairwise(at))
 
 
 def peak_allocation(call: Callable[[], object], swallow: type[BaseException] | tuple[type[BaseException], ...] = ()) -> int:

@@ -6,7 +6,8 @@ returns a future (watched by a callback); other servers' return coroutines
 
 The body reader (``read_body``): whatever pieces the server delivers the body
 in, and whatever length was declared, it returns exactly the bytes that
-arrived, and refuses a body over the limit.
+arrived (a large body as those very pieces, unjoined), and refuses a body over
+the limit.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.api.edge import UNFILLED_MIN_BYTES, ClientGone, cancelled_on_disconnect, read_body, unfilled_buffer
+from gateway.api.edge import CHUNKED_MIN_BYTES, ClientGone, cancelled_on_disconnect, read_body
+from gateway.chunks import Chunks
 from gateway.errors import GatewayError
 
 
@@ -172,8 +174,8 @@ def body_messages(pieces: list[bytes]) -> Any:
 @st.composite
 def delivered_bodies(draw: st.DrawFn) -> tuple[bytes, list[bytes], int | None]:
     """A body, the pieces it arrives in, and the length the client declared (maybe another)."""
-    # Sizes around the point where the reader stops zeroing its buffer.
-    size = draw(st.sampled_from([0, 1, 100, UNFILLED_MIN_BYTES - 1, UNFILLED_MIN_BYTES, 3 * UNFILLED_MIN_BYTES + 7]))
+    # Sizes around the point where the reader stops joining the pieces.
+    size = draw(st.sampled_from([0, 1, 100, CHUNKED_MIN_BYTES - 1, CHUNKED_MIN_BYTES, 3 * CHUNKED_MIN_BYTES + 7]))
     seed = draw(st.binary(min_size=1, max_size=64))
     body = (seed * (size // len(seed) + 1))[:size]
     cuts = sorted(draw(st.lists(st.integers(0, size), max_size=6)))
@@ -187,12 +189,17 @@ def delivered_bodies(draw: st.DrawFn) -> tuple[bytes, list[bytes], int | None]:
 def test_read_body_returns_exactly_the_bytes_that_arrived(case: tuple[bytes, list[bytes], int | None]) -> None:
     """Declared or not, right or wrong, the body read is the pieces joined: no byte lost, none invented.
 
-    A declared length over what arrives leaves part of the buffer unwritten
-    (and, from UNFILLED_MIN_BYTES up, not zeroed): none of it may come back.
+    From CHUNKED_MIN_BYTES up it is the pieces themselves, not a copy.
     """
     body, pieces, declared = case
     got = run(read_body(body_messages(pieces), limit=1 << 30, declared=declared))
-    assert bytes(got) == body
+    if len(body) >= CHUNKED_MIN_BYTES:
+        assert type(got) is Chunks
+        assert all(kept is piece for kept, piece in zip(got.pieces, [p for p in pieces if p], strict=True))
+        got = got.tobytes()
+    else:
+        assert type(got) is bytes
+    assert got == body
 
 
 def test_read_body_refuses_a_declared_length_over_the_limit_before_reading() -> None:
@@ -219,14 +226,3 @@ def test_read_body_of_a_client_that_leaves_is_client_gone() -> None:
 
     with pytest.raises(ClientGone):
         run(read_body(receive, limit=1000, declared=10))
-
-
-def test_unfilled_buffer_has_the_size_asked_for_and_is_writable() -> None:
-    for size in (0, 5, UNFILLED_MIN_BYTES, 5_000_000):
-        buffer = unfilled_buffer(size)
-        assert type(buffer) is bytearray and len(buffer) == size
-        if size:
-            buffer[-1:] = b"z"
-            assert buffer[-1:] == b"z"
-    with pytest.raises(MemoryError):
-        unfilled_buffer(1 << 62)

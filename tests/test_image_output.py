@@ -15,6 +15,7 @@ import pytest
 
 from conftest import backend_toml
 from gateway.bulk import inspect_in_place
+from gateway.chunks import Chunks
 from gateway.shaping import client_body, fix_image_uri, fix_images
 from harness import CLIENT_KEY, STANDIN_SCRIPT, GatewayProcess, StandIn, local_client, serving
 
@@ -141,7 +142,23 @@ def test_a_large_edit_reaches_each_member_whole_with_its_own_model_and_params(st
     for member, upstream_body in sent.items():
         assert upstream_body == {**body, "model": member, "modalities": ["image", "text"]}
     # The gateway took this body on its in-place path (gateway.bulk): the image never became a str.
-    assert inspect_in_place(json.dumps(body).encode()) is not None
+    assert inspect_in_place(Chunks([json.dumps(body).encode()])) is not None
+
+
+def test_a_large_image_through_c1_chat_reaches_the_upstream_whole(gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """/c1/chat rebuilds the body, so a large one is joined from its pieces and decoded whole; the image
+    arrives intact, and a broken one is refused at its place in the c1 body."""
+    standin.script(upstream_id("painter"), [{"kind": "ok"}])
+    large = "data:image/png;base64," + base64.b64encode(TINY_PNG + bytes(300_000)).decode()
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    response = client.post(f"{gateway.url}/c1/chat", json={"model": "painter", "message": "blue?", "images": [large]}, headers=headers)
+    assert response.status_code == 200, response.text
+    sent = [r for r in standin.requests() if r["model"] == upstream_id("painter")][-1]["body"]
+    assert sent["messages"][-1]["content"][-1] == {"type": "image_url", "image_url": {"url": large}}
+    broken = large[:200_000] + " " + large[200_001:]
+    response = client.post(f"{gateway.url}/c1/chat", json={"model": "painter", "message": "blue?", "images": [broken]}, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "images[0]"
 
 
 def test_a_large_broken_image_is_refused_as_the_ordinary_path_words_it(gateway: GatewayProcess, client: httpx.Client) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 from unittest import mock
 
+import msgspec
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from conftest import peak_allocation
+from conftest import in_pieces, peak_allocation
 from gateway import images
+from gateway.chunks import RawString
 from gateway.errors import GatewayError, Location
 from gateway.images import (
     ACCEPTED_IMAGE_TYPES,
@@ -498,3 +500,70 @@ def test_padding_at_a_slice_end_mid_payload_refused() -> None:
     payload = b64(PNG + b"\x00" * 200_000)
     payload = payload[: slice_chars - 4].ljust(slice_chars - 4, "A") + "QQ==" + "QUJD" * 100
     assert_refused(f"data:image/png;base64,{payload}", "invalid_image", 400, "'=' padding before its end")
+
+
+# --- a URL left in the body's pieces (gateway.bulk): checked in place --------------
+
+
+def _as_pieces(text: bytes, cuts: list[int]) -> RawString:
+    return RawString(in_pieces(text, cuts).views(0, len(text)))
+
+
+@given(st.text(alphabet=_PAYLOAD_CHARS, max_size=40), st.lists(st.integers(0, 60), max_size=8))
+def test_property_fast_check_in_pieces_agrees_with_wording_checks(payload: str, cuts: list[int]) -> None:
+    """However the payload is cut into pieces (a quantum split between two included), the check is the same."""
+    wording = images._is_base64_payload(payload, 0) and len(payload) % 4 == 0
+    assert images._is_strict_base64_in_pieces(_as_pieces(payload.encode(), cuts).views) == wording
+
+
+@given(
+    st.one_of(
+        image_uris().map(lambda case: case[0]),
+        image_uris().map(lambda case: case[0][:-2]),  # truncated
+        image_uris().map(lambda case: case[0].replace(",", ",QQ==", 1)),  # padding mid-payload
+        image_uris().map(lambda case: case[0].replace("image/", "image/x", 1)),  # an unsupported type
+        image_uris().map(lambda case: case[0].replace(",", ",iVBORw0KGgo", 1)),  # another type's bytes
+    ),
+    st.lists(st.integers(0, 1000), max_size=8),
+    st.one_of(st.none(), st.integers(0, 400)),
+)
+def test_property_a_url_in_pieces_is_judged_as_the_string_or_declined(url: str, cuts: list[int], limit: int | None) -> None:
+    """The in-place check accepts what the ``str`` path accepts, with the same facts, however the body was cut;
+    it refuses only as the ``str`` path refuses (size, type), and otherwise declines to the ordinary path."""
+    raw = _as_pieces(msgspec.json.encode(url), cuts)
+    try:
+        expected: ImageFacts | str = inspect_image_url(url, max_image_bytes=limit, at=AT)
+    except GatewayError as error:
+        expected = error.code
+    try:
+        got: ImageFacts | str = inspect_image_url(raw, max_image_bytes=limit, at=AT)
+    except GatewayError as error:
+        got = error.code
+    except images.RawImageDeclined:
+        assert not isinstance(expected, ImageFacts)
+        return
+    assert got == expected
+
+
+def test_pieces_cut_at_a_quantum_are_checked_as_one_payload() -> None:
+    """Each piece alone may be valid base64; padding that ends one while more follows is still refused."""
+    assert images._is_strict_base64_in_pieces(_as_pieces(b"QUJDQQ==", [4]).views)
+    assert not images._is_strict_base64_in_pieces(_as_pieces(b"QQ==QUJD", [4]).views)
+    assert not images._is_strict_base64_in_pieces(_as_pieces(b"QUJDQQ==QUJD", [4, 8]).views)
+
+
+def test_padding_split_between_pieces_still_counts() -> None:
+    """'==' split across two pieces: the decoded size is that of the whole payload."""
+    url = "data:image/png;base64," + b64(PNG + b"\x00")  # 1 byte past a multiple of 3: '==' padding
+    assert url.endswith("==")
+    encoded = msgspec.json.encode(url)
+    for cut in range(len(encoded) - 4, len(encoded)):
+        facts = inspect_image_url(_as_pieces(encoded, [cut]), max_image_bytes=None, at=AT)
+        assert facts == inspect_image_url(url, max_image_bytes=None, at=AT)
+
+
+def test_a_raw_value_that_is_not_one_json_string_is_declined() -> None:
+    url = "data:image/png;base64," + b64(PNG)
+    for text in (b"x" + url.encode() + b"x", b'"' + url.encode() + b"x", b"x" + url.encode() + b'"', b'"', url.encode()):
+        with pytest.raises(images.RawImageDeclined):
+            inspect_image_url(RawString([memoryview(text)]), max_image_bytes=None, at=AT)

@@ -9,6 +9,7 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import in_pieces
 from gateway.shaping import splice_body, top_level_spans
 
 names = st.sampled_from(["gpt-5.5-pro", "image-gen", "qwen3-vl-30b-instruct", "a\"b", "é-model", "model", "x/y"])
@@ -45,30 +46,37 @@ def joined(pieces: tuple[bytes | memoryview, ...]) -> bytes:
 
 @given(body=st.dictionaries(keys, json_values, min_size=1, max_size=6), layout=layouts, data=st.data())
 def test_a_splice_decodes_to_the_shaped_body(body: dict[str, Any], layout: dict[str, Any], data: st.DataObject) -> None:
+    """Whatever the pieces the body came in: a few random cuts, or a byte per piece."""
     raw = json.dumps(body, **layout).encode()
     decoded = msgspec.json.decode(raw)
     shaped = data.draw(shapings(decoded))
-    pieces = splice_body(raw, decoded, shaped)
-    if pieces is not None:
+    cuts = data.draw(st.one_of(st.lists(st.integers(0, 1 << 16), max_size=8), st.just(list(range(len(raw))))))
+    pieces = splice_body(in_pieces(raw, cuts), decoded, shaped)
+    whole = splice_body(in_pieces(raw), decoded, shaped)
+    assert (pieces is None) == (whole is None)
+    if pieces is not None and whole is not None:
+        assert joined(pieces) == joined(whole)
         assert msgspec.json.decode(joined(pieces)) == shaped
 
 
 def test_an_image_body_keeps_its_image_as_a_view_and_gets_new_fields() -> None:
     image = "data:image/png;base64," + "A" * 100_000
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}], "model": "vision", "max_tokens": 9}
-    for raw in (json.dumps(body).encode(), bytearray(json.dumps(body, indent=1).encode())):
+    for raw, cuts in ((json.dumps(body).encode(), []), (json.dumps(body, indent=1).encode(), [30_000, 60_000])):
         decoded = msgspec.json.decode(raw)
         shaped = {"messages": decoded["messages"], "model": "org/model-7b", "max_completion_tokens": 9, "modalities": ["image", "text"]}
-        pieces = splice_body(raw, decoded, shaped)
+        pieces = splice_body(in_pieces(raw, cuts), decoded, shaped)
         assert pieces is not None
-        assert any(isinstance(piece, memoryview) and len(piece) > 100_000 for piece in pieces)
-        assert len(pieces) == 3  # the head, the image view, the rest: not a piece per field
+        # The head, the messages as views of the body's pieces (one per piece), the rest: not a piece per field.
+        assert len(pieces) == 2 + len(cuts) + 1
+        assert all(isinstance(piece, memoryview) for piece in pieces[1:-1])
+        assert sum(map(len, pieces[1:-1])) > 100_000
         assert msgspec.json.decode(joined(pieces)) == shaped
 
 
 def test_spans_point_at_the_top_level_values_only() -> None:
     raw = b'{ "metadata" : {"model":"a","x":["a",{"model":"a"}]} ,"model":"a", "n":1 }'
-    spans = top_level_spans(raw)
+    spans = top_level_spans(in_pieces(raw))
     assert spans is not None
     assert {key: raw[start:end] for key, (start, end) in spans.items()} == {
         "metadata": b'{"model":"a","x":["a",{"model":"a"}]}',
@@ -79,10 +87,10 @@ def test_spans_point_at_the_top_level_values_only() -> None:
 
 def test_doubtful_bodies_are_declined() -> None:
     # An escaped top-level key (it reads otherwise than it is spelled), or a repeated one.
-    assert top_level_spans(b'{"mod\\u0065l":"a","x":{"model":"a"}}') is None
-    assert top_level_spans(b'{"model":"a","model":"b"}') is None
+    assert top_level_spans(in_pieces(b'{"mod\\u0065l":"a","x":{"model":"a"}}')) is None
+    assert top_level_spans(in_pieces(b'{"model":"a","model":"b"}')) is None
     # Too many strings to walk: re-encoding is cheaper.
     crowded = msgspec.json.encode({"model": "a", "messages": [{"content": str(i)} for i in range(100)]})
-    assert top_level_spans(crowded) is None
+    assert top_level_spans(in_pieces(crowded)) is None
     # A body whose top level does not match what it decoded to.
-    assert splice_body(b'{"model":"a"}', {"model": "a", "extra": 1}, {"model": "b"}) is None
+    assert splice_body(in_pieces(b'{"model":"a"}'), {"model": "a", "extra": 1}, {"model": "b"}) is None

@@ -4,11 +4,11 @@ A 4 MB image arrives as a 5.3 MB JSON body, and decoding that body spends
 nearly all its time (1.3 ms) and memory (5.3 MB) on one value: the data URI,
 which the gateway only checks and then forwards as the bytes it came in. So
 ``decode_leaving_uris`` finds each large ``"url": "data:..."`` string in the
-raw body and decodes the body around it: that value becomes a ``msgspec.Raw``,
-a view of its JSON bytes (quotes included) in the body, never copied.
-``images.inspect_image_url`` checks such a value in place, and
-``msgspec.json.encode`` writes it back out verbatim, so a body re-encoded for
-an upstream is still the client's.
+raw body and decodes the body around it: that value becomes a
+``chunks.RawString``, views of its JSON bytes (quotes included) in the body's
+pieces, never copied. ``images.inspect_image_url`` checks such a value in
+place, and ``shaping.encode`` writes it back out verbatim, so a body
+re-encoded for an upstream is still the client's.
 
 This path only ever says yes. ``inspect_in_place`` returns the body and its
 facts when every raw value is a valid image and the body passes inspection;
@@ -41,6 +41,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
+from gateway.chunks import Chunks, RawString
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts, inspect_request
 from gateway.images import RawImageDeclined
@@ -66,7 +67,7 @@ class InPlace(NamedTuple):
     strings: dict[int, int]
 
 
-def inspect_in_place(raw: bytes | bytearray) -> InPlace | None:
+def inspect_in_place(raw: Chunks) -> InPlace | None:
     """The body, with its large image URIs left raw, and its facts; or None.
 
     None means: decode ``raw`` as usual and inspect that. It is the answer for
@@ -83,8 +84,8 @@ def inspect_in_place(raw: bytes | bytearray) -> InPlace | None:
         return None
 
 
-def decode_leaving_uris(raw: bytes | bytearray) -> tuple[dict[str, Any], list[tuple[int, int]]] | None:
-    """``raw`` decoded with each large image data URI as a ``msgspec.Raw``, and those values' spans; or None.
+def decode_leaving_uris(raw: Chunks) -> tuple[dict[str, Any], list[tuple[int, int]]] | None:
+    """``raw`` decoded with each large image data URI as a ``RawString``, and those values' spans; or None.
 
     A span is a value's two quotes' offsets in ``raw``. None when there is no
     such URI, or when the body cannot be decoded that way with certainty (see
@@ -93,17 +94,16 @@ def decode_leaving_uris(raw: bytes | bytearray) -> tuple[dict[str, Any], list[tu
     spans = _uri_spans(raw)
     if not spans:
         return None
-    view = memoryview(raw)
     token = secrets.token_hex(8)
     pieces: list[bytes | memoryview] = []
-    raws: dict[str, msgspec.Raw] = {}
+    raws: dict[str, RawString] = {}
     done = 0
     for opening, closing in spans:
         placeholder = f"\x00{token}:{len(raws)}"
-        raws[placeholder] = msgspec.Raw(view[opening : closing + 1])
-        pieces += (view[done:opening], msgspec.json.encode(placeholder))
+        raws[placeholder] = RawString(raw.views(opening, closing + 1))
+        pieces += (*raw.views(done, opening), msgspec.json.encode(placeholder))
         done = closing + 1
-    pieces.append(view[done:])
+    pieces += raw.views(done, len(raw))
     try:
         body = _decode(b"".join(pieces))
     except (msgspec.DecodeError, UnicodeDecodeError):
@@ -113,7 +113,7 @@ def decode_leaving_uris(raw: bytes | bytearray) -> tuple[dict[str, Any], list[tu
     return body, spans
 
 
-def _uri_spans(raw: bytes | bytearray) -> list[tuple[int, int]]:
+def _uri_spans(raw: Chunks) -> list[tuple[int, int]]:
     """Where each large ``"url": "data:..."`` string lies: its two quotes' offsets."""
     spans: list[tuple[int, int]] = []
     at = raw.find(b'"data:')
@@ -130,20 +130,20 @@ def _uri_spans(raw: bytes | bytearray) -> list[tuple[int, int]]:
     return spans
 
 
-def _is_url_value(raw: bytes | bytearray, opening: int) -> bool:
+def _is_url_value(raw: Chunks, opening: int) -> bool:
     """Whether the string opening at ``opening`` follows ``"url"`` and a colon."""
     at = opening - 1
-    while at >= 0 and raw[at] in _WHITESPACE:
+    while at >= 0 and raw.byte(at) in _WHITESPACE:
         at -= 1
-    if at < 0 or raw[at] != 0x3A:  # ':'
+    if at < 0 or raw.byte(at) != 0x3A:  # ':'
         return False
     at -= 1
-    while at >= 0 and raw[at] in _WHITESPACE:
+    while at >= 0 and raw.byte(at) in _WHITESPACE:
         at -= 1
-    return at >= 4 and raw[at - 4 : at + 1] == b'"url"'
+    return at >= 4 and raw.slice(at - 4, at + 1) == b'"url"'
 
 
-def _put_back(body: dict[str, Any], raws: dict[str, msgspec.Raw]) -> int:
+def _put_back(body: dict[str, Any], raws: dict[str, RawString]) -> int:
     """Put each raw value where its placeholder is, among the image URLs; how many were found."""
     found = 0
     messages = body.get("messages")

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import binascii
 import re
+from collections.abc import Iterator, Sequence
 from typing import Final, NoReturn
 
 import attrs
-import msgspec
 import pybase64
 
+from gateway.chunks import RawString
 from gateway.errors import GatewayError, Location, json_type_name
 
 __all__ = [
@@ -87,7 +88,7 @@ _BASE64_ALPHABET: Final[bytes] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrs
 # every slice but the last is whole base64 quanta), which keeps the extra
 # memory near 2 x 256 KiB however large the image: a slice of a ``str`` is a copy.
 _CHECK_SLICE_CHARS: Final[int] = 1 << 18
-# A slice of a ``memoryview`` (a large image left in the body, ``gateway.bulk``)
+# A slice of a ``memoryview`` (a large image left in the body's pieces, ``gateway.bulk``)
 # is not a copy, so only the decoded slice is extra: 768 KiB at this size. A
 # 5.3 MB payload not in the cache checked in 0.39 ms in 1 MiB slices, 0.46 in
 # 512 KiB and 0.56 in 256 KiB; 2 MiB was no faster.
@@ -170,11 +171,11 @@ def sniff_base64_image_type(b64: str) -> str | None:
     Only the first 64 characters are read, so this is cheap on any size of
     payload. Text that is not valid standard base64 sniffs as None.
     """
-    return _sniff_at(b64, 0)
+    return _sniff(b64)
 
 
-def _sniff_at(text: str | memoryview, start: int) -> str | None:
-    prefix = text[start : start + _SNIFF_CHARS]
+def _sniff(text: str | bytes) -> str | None:
+    prefix = text[:_SNIFF_CHARS]
     # A payload shorter than the prefix may end mid-quantum; drop the ragged
     # tail rather than fail, since only the leading bytes matter.
     prefix = prefix[: len(prefix) - len(prefix) % 4]
@@ -194,13 +195,14 @@ def inspect_image_url(url: object, *, max_image_bytes: int | None, at: Location)
     Every refusal is a ``GatewayError`` located at ``at``. The payload is never
     copied or fully decoded (see the module docstring).
 
-    ``url`` may also be a ``msgspec.Raw``: the JSON string as it lies in the
-    body, quotes included (``bulk.decode_leaving_uris``). It is checked in
-    place, and ``RawImageDeclined`` is raised for anything but a valid image,
-    so that the ordinary path decodes the body and words the refusal.
+    ``url`` may also be a ``RawString``: the JSON string as it lies in the
+    body's pieces, quotes included (``bulk.decode_leaving_uris``). It is
+    checked in place, and ``RawImageDeclined`` is raised for anything but a
+    valid image, so that the ordinary path decodes the body and words the
+    refusal.
     """
-    if isinstance(url, msgspec.Raw):
-        facts = _inspect_raw(memoryview(url), max_image_bytes, at)
+    if isinstance(url, RawString):
+        facts = _inspect_raw(url.views, max_image_bytes, at)
         if facts is None:
             raise RawImageDeclined
         return facts
@@ -227,7 +229,7 @@ def inspect_image_url(url: object, *, max_image_bytes: int | None, at: Location)
 
 
 class RawImageDeclined(Exception):
-    """A ``msgspec.Raw`` URL that the in-place check could not accept as it is."""
+    """A ``RawString`` URL that the in-place check could not accept as it is."""
 
 
 # What a header checked in place may hold: printable ASCII but the JSON
@@ -235,18 +237,18 @@ class RawImageDeclined(Exception):
 _PLAIN_HEADER_BYTES: Final[bytes] = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 
 
-def _inspect_raw(view: memoryview, max_image_bytes: int | None, at: Location) -> ImageFacts | None:
-    """The facts of a valid image URL given as its JSON string's bytes, or None.
+def _inspect_raw(views: Sequence[memoryview], max_image_bytes: int | None, at: Location) -> ImageFacts | None:
+    """The facts of a valid image URL given as its JSON string's bytes (in pieces), or None.
 
     None for anything the ``str`` path could word differently: a header that
     is not plain ASCII or that the header rules refuse, an empty or non-base64
     payload. An image of the wrong size or type is refused here as the ``str``
     path would refuse it, since that verdict reads only lengths and a prefix.
     """
-    end = len(view) - 1  # the closing quote
-    if end < 1 or view[0] != 0x22 or view[end] != 0x22:
+    size = sum(len(view) for view in views)
+    if size < 2 or _head(views, 1) != b'"' or _tail(views, 1) != b'"':
         return None
-    head = bytes(view[1 : min(end, 1 + _MAX_HEADER_CHARS)])
+    head = _head(views, 1 + _MAX_HEADER_CHARS)[1 : size - 1]
     comma = head.find(b",", 5)
     if comma < 0 or head[:comma].translate(None, _PLAIN_HEADER_BYTES):
         return None
@@ -254,10 +256,80 @@ def _inspect_raw(view: memoryview, max_image_bytes: int | None, at: Location) ->
         declared, image_type, _ = _parse_header(head[: comma + 1].decode("ascii"), at)
     except GatewayError:
         return None
-    start = 1 + comma + 1
-    if start == end:
+    payload = _span(views, 1 + comma + 1, size - 1)
+    encoded_chars = sum(len(view) for view in payload)
+    if not encoded_chars or not _is_strict_base64_in_pieces(payload):
         return None
-    return _payload_facts(view, start, end, declared, image_type, max_image_bytes, at)
+    padding = _tail(payload, 2).count(b"=")
+    return _image_facts(encoded_chars, padding, _head(payload, _SNIFF_CHARS), declared, image_type, max_image_bytes, at)
+
+
+def _head(views: Sequence[memoryview], size: int) -> bytes:
+    """The first ``size`` bytes of the pieces (fewer if they hold fewer)."""
+    out = bytearray()
+    for view in views:
+        out += view[: size - len(out)]
+        if len(out) >= size:
+            break
+    return bytes(out)
+
+
+def _tail(views: Sequence[memoryview], size: int) -> bytes:
+    """The last ``size`` bytes of the pieces (fewer if they hold fewer)."""
+    out = b""
+    for view in reversed(views):
+        out = bytes(view[max(len(view) - (size - len(out)), 0) :]) + out
+        if len(out) >= size:
+            break
+    return out
+
+
+def _span(views: Sequence[memoryview], start: int, stop: int) -> list[memoryview]:
+    """Bytes ``[start, stop)`` of the pieces, as views of them."""
+    out: list[memoryview] = []
+    base = 0
+    for view in views:
+        low, high = max(start - base, 0), min(stop - base, len(view))
+        if low < high:
+            out.append(view[low:high])
+        base += len(view)
+    return out
+
+
+def _is_strict_base64_in_pieces(payload: Sequence[memoryview]) -> bool:
+    """``_is_strict_base64`` of the pieces' bytes taken together."""
+    segments = list(_quanta(payload))
+    for index, segment in enumerate(segments):
+        if not _is_strict_base64(segment, 0, len(segment)):
+            return False
+        if index + 1 < len(segments) and segment[-1] == 0x3D:  # '=' may only end the whole payload
+            return False
+    return True
+
+
+def _quanta(payload: Sequence[memoryview]) -> Iterator[memoryview]:
+    """The payload's pieces cut at multiples of 4 characters, so each checks on its own.
+
+    A quantum split between two pieces is joined (4 bytes copied). The last
+    segment is ragged when the payload's length is not a multiple of 4, which
+    the strict check refuses.
+    """
+    carry = b""
+    for view in payload:
+        if carry:
+            taken = 4 - len(carry)
+            carry += view[:taken]
+            view = view[taken:]
+            if len(carry) < 4:
+                continue
+            yield memoryview(carry)
+            carry = b""
+        whole = len(view) - len(view) % 4
+        if whole:
+            yield view[:whole]
+        carry = bytes(view[whole:])
+    if carry:
+        yield memoryview(carry)
 
 
 def _parse_header(url: str, at: Location) -> tuple[str, str, int]:
@@ -297,7 +369,7 @@ def _parse_header(url: str, at: Location) -> tuple[str, str, int]:
 
 
 def _payload_facts(
-    data: str | memoryview,
+    url: str,
     start: int,
     end: int,
     declared: str,
@@ -305,13 +377,25 @@ def _payload_facts(
     max_image_bytes: int | None,
     at: Location,
 ) -> ImageFacts | None:
-    """Check ``data[start:end]``, a non-empty payload; None when it is not strict base64."""
-    if not _is_strict_base64(data, start, end):
+    """Check ``url[start:end]``, a non-empty payload; None when it is not strict base64."""
+    if not _is_strict_base64(url, start, end):
         return None
     # The strict check allowed '=' only as the last one or two characters.
-    tail = data[end - 2 : end]
-    padding = (tail.encode() if isinstance(tail, str) else bytes(tail)).count(b"=")
-    decoded_bytes = (end - start) // 4 * 3 - padding
+    padding = url.count("=", end - 2, end)
+    return _image_facts(end - start, padding, url[start : start + _SNIFF_CHARS], declared, image_type, max_image_bytes, at)
+
+
+def _image_facts(
+    encoded_chars: int,
+    padding: int,
+    prefix: str | bytes,
+    declared: str,
+    image_type: str,
+    max_image_bytes: int | None,
+    at: Location,
+) -> ImageFacts:
+    """The facts of a strict base64 payload of ``encoded_chars`` whose first characters are ``prefix``."""
+    decoded_bytes = encoded_chars // 4 * 3 - padding
 
     # Sizing is arithmetic, so an oversize image is refused before any decoding.
     if max_image_bytes is not None and decoded_bytes > max_image_bytes:
@@ -322,7 +406,7 @@ def _payload_facts(
             at=at,
         )
 
-    sniffed = _sniff_at(data, start)
+    sniffed = _sniff(prefix)
     if sniffed is None:
         raise GatewayError(
             "invalid_image",

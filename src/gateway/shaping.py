@@ -29,11 +29,20 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from gateway.chunks import Chunks, RawString
 from gateway.h1 import RequestBody
 from gateway.images import sniff_base64_image_type
 from gateway.snapshot import Target
 
-_encode = msgspec.json.Encoder().encode
+
+def _verbatim(value: Any) -> msgspec.Raw:
+    """A string left undecoded in a large body (``gateway.bulk``) goes out as its own bytes."""
+    if type(value) is RawString:
+        return value.as_raw()
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+_encode = msgspec.json.Encoder(enc_hook=_verbatim).encode
 
 
 # Known request fields the OpenAI schema does not mark nullable: a null there is dropped.
@@ -77,8 +86,6 @@ def shape_upstream(body: Mapping[str, Any], target: Target) -> dict[str, Any]:
     return shaped
 
 
-# Below this a body is re-encoded: splicing saves nothing worth its checks.
-SPLICE_MIN_BYTES = 64 * 1024
 # A body with more strings than this is re-encoded: walking it would cost more than encoding.
 SPLICE_MAX_STRINGS = 64
 _BACKSLASH, _COLON, _COMMA = 0x5C, 0x3A, 0x2C
@@ -88,7 +95,7 @@ _JSON_SPACE = b" \t\r\n"
 class KeptBody(NamedTuple):
     """The JSON a large body was decoded from, kept to splice into (``upstream_body``)."""
 
-    raw: bytes | bytearray
+    raw: Chunks
     # Strings already found in ``raw``, each known to be one whole string token:
     # opening quote -> closing quote (``bulk``'s image URIs). ``top_level_spans``
     # crosses them without searching for their end, a pass over megabytes.
@@ -118,7 +125,7 @@ _VIEW_MIN_BYTES = 64 * 1024
 
 
 def splice_body(
-    raw: bytes | bytearray, body: Mapping[str, Any], shaped: Mapping[str, Any], strings: Mapping[int, int] | None = None
+    raw: Chunks, body: Mapping[str, Any], shaped: Mapping[str, Any], strings: Mapping[int, int] | None = None
 ) -> tuple[bytes | memoryview, ...] | None:
     """``shaped`` as JSON pieces: ``raw``'s bytes for each value that ``body`` and ``shaped`` share.
 
@@ -131,7 +138,6 @@ def splice_body(
     spans = top_level_spans(raw, strings)
     if spans is None or spans.keys() != body.keys():
         return None
-    view = memoryview(raw)
     pieces: list[bytes | memoryview] = []
     pending = bytearray(b"{")
     for index, (key, value) in enumerate(shaped.items()):
@@ -142,16 +148,16 @@ def splice_body(
         if span is None or body[key] is not value:
             pending += _encode(value)
         elif span[1] - span[0] < _VIEW_MIN_BYTES:
-            pending += view[span[0] : span[1]]
+            pending += raw.slice(*span)
         else:
-            pieces += (bytes(pending), view[span[0] : span[1]])
+            pieces += (bytes(pending), *raw.views(*span))
             pending = bytearray()
     pending += b"}"
     pieces.append(bytes(pending))
     return tuple(pieces)
 
 
-def top_level_spans(raw: bytes | bytearray, strings: Mapping[int, int] | None = None) -> dict[str, tuple[int, int]] | None:
+def top_level_spans(raw: Chunks, strings: Mapping[int, int] | None = None) -> dict[str, tuple[int, int]] | None:
     """Where each top-level field's value lies in ``raw`` (a JSON object), or None if unsure.
 
     It walks the JSON from string to string (``find`` of the next quote: a
@@ -171,7 +177,7 @@ def top_level_spans(raw: bytes | bytearray, strings: Mapping[int, int] | None = 
         start = raw.find(b'"', at)
         if start < 0:
             break
-        between = raw[at:start]
+        between = raw.slice(at, start)
         depth += between.count(b"{") + between.count(b"[") - between.count(b"}") - between.count(b"]")
         known_end = strings.get(start) if strings else None
         if known_end is not None:
@@ -183,7 +189,7 @@ def top_level_spans(raw: bytes | bytearray, strings: Mapping[int, int] | None = 
                 if end < 0:
                     return None
                 slashes = 0
-                while raw[end - 1 - slashes] == _BACKSLASH:
+                while raw.byte(end - 1 - slashes) == _BACKSLASH:
                     slashes += 1
                 if slashes % 2 == 0:
                     break
@@ -193,7 +199,7 @@ def top_level_spans(raw: bytes | bytearray, strings: Mapping[int, int] | None = 
         value_at = _after_colon(raw, at)
         if value_at < 0:
             continue  # a value, not a key
-        key = raw[start + 1 : end]
+        key = raw.slice(start + 1, end)
         if b"\\" in key:
             return None
         keys.append((key.decode(), start, value_at))
@@ -206,7 +212,7 @@ def top_level_spans(raw: bytes | bytearray, strings: Mapping[int, int] | None = 
         boundary = keys[index + 1][1] if index + 1 < len(keys) else closing
         value_end = _before_space(raw, boundary)
         if index + 1 < len(keys):
-            if raw[value_end - 1] != _COMMA:
+            if raw.byte(value_end - 1) != _COMMA:
                 return None
             value_end = _before_space(raw, value_end - 1)
         if name in spans or value_end <= value_at:
@@ -215,22 +221,22 @@ def top_level_spans(raw: bytes | bytearray, strings: Mapping[int, int] | None = 
     return spans
 
 
-def _before_space(raw: bytes | bytearray, at: int) -> int:
+def _before_space(raw: Chunks, at: int) -> int:
     """``at`` moved back over JSON whitespace."""
-    while at > 0 and raw[at - 1] in _JSON_SPACE:
+    while at > 0 and raw.byte(at - 1) in _JSON_SPACE:
         at -= 1
     return at
 
 
-def _after_colon(raw: bytes | bytearray, at: int) -> int:
+def _after_colon(raw: Chunks, at: int) -> int:
     """Where the value starts after a key ending before ``at`` (-1 when no colon follows)."""
     size = len(raw)
-    while at < size and raw[at] in _JSON_SPACE:
+    while at < size and raw.byte(at) in _JSON_SPACE:
         at += 1
-    if at >= size or raw[at] != _COLON:
+    if at >= size or raw.byte(at) != _COLON:
         return -1
     at += 1
-    while at < size and raw[at] in _JSON_SPACE:
+    while at < size and raw.byte(at) in _JSON_SPACE:
         at += 1
     return at
 

@@ -34,6 +34,7 @@ from gateway.api.edge import (
     send_stream,
 )
 from gateway.bulk import inspect_in_place
+from gateway.chunks import Chunks
 from gateway.dispatch import Attempt, Dispatcher
 from gateway.errors import GatewayError, Location
 from gateway.facts import inspect_request
@@ -41,7 +42,7 @@ from gateway.metrics import Metrics
 from gateway.relay import StreamRelay, relay_stream
 from gateway.reload import SnapshotHolder
 from gateway.routing import plan_attempts
-from gateway.shaping import SPLICE_MIN_BYTES, KeptBody, client_body
+from gateway.shaping import KeptBody, client_body
 
 log = logging.getLogger("gateway.completions")
 
@@ -81,17 +82,20 @@ class CompletionService:
                 raise GatewayError("config_not_loaded", "No valid configuration is loaded; `gateway check` says why.")
             identity = self.holder.keys.authenticate(header(scope, b"authorization"))
             raw = await read_body(receive, snapshot.config.server.max_request_bytes, declared_length(scope))
-            # Only a large chat body is worth keeping, to splice `model` into (shaping.upstream_body),
-            # and worth decoding around its images (bulk).
+            # A large body comes as Chunks: a chat body is kept to splice `model` into
+            # (shaping.upstream_body), and decoded around its images (bulk).
             kept = inspected = None
-            if translate is None and len(raw) >= SPLICE_MIN_BYTES:
+            if isinstance(raw, Chunks) and translate is None:
                 inspected = inspect_in_place(raw)
+                if inspected is None:
+                    # Decoded whole below: joined once, and the splice reads that copy, so the pieces can go.
+                    raw = Chunks((raw.tobytes(),))
                 kept = KeptBody(raw, inspected.strings if inspected is not None else None)
             if inspected is not None:
                 body, facts = inspected.body, inspected.facts
             else:
                 try:
-                    body = _decode(raw)
+                    body = _decode(raw.tobytes() if isinstance(raw, Chunks) else raw)
                 except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings raise the latter
                     raise GatewayError("invalid_json", f"The body is not valid JSON: {exc}.") from None
                 if translate is not None:

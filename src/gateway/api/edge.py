@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any
 
+from gateway.chunks import Chunks
 from gateway.errors import GatewayError
 from gateway.shaping import encode
 
@@ -64,40 +64,20 @@ def declared_length(scope: Mapping[str, Any]) -> int | None:
     return length if length >= 0 else None
 
 
-# Below this, zeroing a buffer costs less than the call that skips it.
-UNFILLED_MIN_BYTES = 1 << 16
-_resize_bytearray = ctypes.pythonapi.PyByteArray_Resize
-_resize_bytearray.argtypes = (ctypes.py_object, ctypes.c_ssize_t)
-_resize_bytearray.restype = ctypes.c_int
+# A body at least this long is kept as the pieces it came in (``gateway.chunks``).
+CHUNKED_MIN_BYTES = 64 * 1024
 
 
-def unfilled_buffer(size: int) -> bytearray:
-    """A bytearray of ``size`` bytes, not zeroed first: the caller overwrites every byte it keeps.
-
-    ``bytearray(size)`` zeroes its memory, a pass over a 5.3 MB image body that
-    measured ~4% of a worker's CPU per image request; growing an empty one
-    through the C API does not. ``read_body`` keeps only the bytes it filled.
-    """
-    if size < UNFILLED_MIN_BYTES:
-        return bytearray(size)
-    buffer = bytearray()
-    _resize_bytearray(buffer, size)  # raises MemoryError as bytearray(size) would
-    return buffer
-
-
-async def read_body(receive: Any, limit: int, declared: int | None = None) -> bytes | bytearray:
+async def read_body(receive: Any, limit: int, declared: int | None = None) -> bytes | Chunks:
     """The whole body, refused with 413 as soon as it passes ``limit`` bytes.
 
-    With a declared length the body is refused before a byte is read when too
-    large, and otherwise received straight into one buffer of that size: a
-    list of chunks joined afterwards would hold a 20 MB image twice.
+    A declared length over the limit is refused before a byte is read. A body
+    of ``CHUNKED_MIN_BYTES`` or more comes back as ``Chunks``, the pieces as
+    the server delivered them: joining them would copy every byte of a 20 MB
+    image once more, and hold it twice while doing so.
     """
-    if declared is not None:
-        if declared > limit:
-            raise _too_large(limit)
-        buffer = unfilled_buffer(declared)
-        view = memoryview(buffer)
-        filled = 0
+    if declared is not None and declared > limit:
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -109,19 +89,11 @@ async def read_body(receive: Any, limit: int, declared: int | None = None) -> by
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit)
-            if declared is not None and size <= declared:
-                view[filled : filled + len(chunk)] = chunk
-                filled += len(chunk)
-            else:
-                chunks.append(chunk)
+            chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    if declared is not None:
-        view.release()
-        if filled == declared and not chunks:
-            return buffer
-        # The server delivered another length than declared: keep what arrived, as sent.
-        return bytes(buffer[:filled]) + b"".join(chunks)
+    if size >= CHUNKED_MIN_BYTES:
+        return Chunks(chunks)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
