@@ -6,9 +6,10 @@ second buffer per request in flight. Without it, in A/B runs of 4 MB images at
 4 concurrent: about 0.25 ms (9%) less CPU on the loop's thread per request,
 and a peak RSS of 88 against 97 MiB. (The later passes over the image, which
 the copy had brought into the cache, cost a little more.) The large-body path
-reads a body only through what ``Chunks`` offers: ``find`` and ``rfind`` (a match may straddle two pieces), indexing,
-short slices as ``bytes``, and ``views``, a span as memoryviews of the pieces,
-never copied. A body that must be decoded whole is joined once (``tobytes``).
+reads a body only through what ``Chunks`` offers: ``find`` and ``rfind`` (a
+match may straddle two pieces), single bytes, short slices as ``bytes``, and
+``views``, a span as memoryviews of the pieces, never copied. A body that must
+be decoded whole is joined once (``tobytes``).
 
 ``RawString`` is a JSON string left undecoded in such a body (``gateway.bulk``):
 the views of its bytes, quotes included. ``shaping.encode`` writes it back
