@@ -24,6 +24,9 @@ How it works:
    granian settings. Its row is granian's cost of receiving the body, which the
    gateway pays before it does anything; the rest of the image figure is the
    gateway's own work.
+6. Phase ``big_image`` sends a 20 MB image (decoded: the size models.toml
+   allows by default), 2 at a time: what the gateway's memory grows by per
+   image in flight, as a multiple of the request body.
 
 Non-streaming phases use ``wrk`` (with ``scripts/wrk_post.lua``) when it is on
 PATH, else an asyncio+aiohttp client; streams always use the aiohttp client.
@@ -91,6 +94,9 @@ class Shape:
     slow_interval_ms: float = 50.0
     image_conc: int = 4
     image_mb: float = 4.0
+    # A 20 MB image (decoded, under the default max_image_bytes of 20 MiB): ~27 MB of JSON.
+    big_image_conc: int = 2
+    big_image_mb: float = 20.0
     # --scale N: N concurrent streams that are mostly idle (a chunk a second), for
     # "does one worker hold them" and the memory each open stream costs. 0: skipped.
     scale_conc: int = 0
@@ -372,36 +378,41 @@ class Bodies:
     slow: bytes
     idle: bytes
     image: bytes
+    big_image: bytes
 
 
 def _encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def make_bodies(model: str, slow_model: str, idle_model: str, image_uri: str) -> Bodies:
+def make_bodies(model: str, slow_model: str, idle_model: str, image_uri: str, big_image_uri: str) -> Bodies:
     messages = [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Say hello in one short sentence."},
     ]
     small = {"model": model, "messages": messages, "max_tokens": 32}
     stream_extra = {"stream": True, "stream_options": {"include_usage": True}}
-    image_parts = [
-        {"type": "text", "text": "What is in this image?"},
-        {"type": "image_url", "image_url": {"url": image_uri}},
-    ]
-    image = {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": image_parts}]}
+
+    def image(uri: str) -> bytes:
+        parts = [{"type": "text", "text": "What is in this image?"}, {"type": "image_url", "image_url": {"url": uri}}]
+        return _encode({"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": parts}]})
+
     return Bodies(
         small=_encode(small),
         stream=_encode({**small, **stream_extra}),
         slow=_encode({**small, "model": slow_model, **stream_extra}),
         idle=_encode({**small, "model": idle_model, **stream_extra}),
-        image=_encode(image),
+        image=image(image_uri),
+        big_image=image(big_image_uri),
     )
 
 
 def image_uri(megabytes: float) -> str:
     """A PNG data URI of about ``megabytes`` MB of base64."""
-    png = make_png(int(megabytes * 1e6 * 3 / 4))
+    return png_uri(make_png(int(megabytes * 1e6 * 3 / 4)))
+
+
+def png_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
@@ -715,7 +726,7 @@ class Phase:
     side: str = "gateway"  # what is measured after the direct call: the gateway, or the bare "floor" app
 
 
-PHASE_KEYS = ("small_c1", "small_c64", "streams", "slow_streams", "image", "image_floor", "scale")
+PHASE_KEYS = ("small_c1", "small_c64", "streams", "slow_streams", "image", "image_floor", "big_image", "scale")
 
 
 def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
@@ -727,6 +738,7 @@ def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
     stream_cap = max(shape.stream_conc, int(1000 * duration_s))
     slow_cap = max(shape.slow_conc, int(shape.slow_conc * (duration_s + 2)))
     image_cap = max(shape.image_conc, int(2000 * duration_s))
+    big_image_cap = max(shape.big_image_conc, int(200 * duration_s))
     scale_cap = int(shape.scale_conc * (duration_s + 2))
     scale = Phase(
         "scale",
@@ -758,6 +770,11 @@ def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
             f"{shape.image_mb:g} MB image, c={shape.image_conc}, bare app",
             lambda t: plain.run(t.url, t.bodies.image, shape.image_conc, duration_s, image_cap),
             side="floor",
+        ),
+        Phase(
+            "big_image",
+            f"{shape.big_image_mb:g} MB image, c={shape.big_image_conc}",
+            lambda t: plain.run(t.url, t.bodies.big_image, shape.big_image_conc, duration_s, big_image_cap),
         ),
     ] + ([scale] if shape.scale_conc else [])
 
@@ -845,7 +862,7 @@ def _number(value: float, digits: int) -> str:
     return "—" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
 
 
-def figures(results: dict[str, dict[str, LoadResult]], shape: Shape) -> list[Figure]:
+def figures(results: dict[str, dict[str, LoadResult]], shape: Shape, big_body_bytes: int) -> list[Figure]:
     def pair(key: str) -> tuple[LoadResult, LoadResult]:
         return results[key]["direct"], results[key]["gateway"]
 
@@ -890,6 +907,18 @@ def figures(results: dict[str, dict[str, LoadResult]], shape: Shape) -> list[Fig
         rows += [
             Figure(f"{image}: bare granian app p50 latency (ms)", df.p50, ff.p50, "added", 1),
             Figure(f"{image}: bare granian app CPU per request (µs)", math.nan, ff.gateway["cpu_us_per_request"], "gateway", 0),
+        ]
+    if "big_image" in results:
+        db, gb = pair("big_image")
+        big = f"{shape.big_image_mb:g} MB PNG (decoded) image_url, c={shape.big_image_conc}"
+        # What the gateway's memory grew by during the phase, per image in flight, in request bodies.
+        body_mib = big_body_bytes / 2**20
+        per_image = (gb.gateway["peak_rss_mib"] - gb.gateway["rss_before_mib"]) / shape.big_image_conc / body_mib
+        rows += [
+            Figure(f"{big}: p50 latency (ms)", db.p50, gb.p50, "added", 1),
+            Figure(f"{big}: gateway CPU per request (µs)", math.nan, gb.gateway["cpu_us_per_request"], "gateway", 0),
+            Figure(f"{big}: gateway peak RSS (MiB)", math.nan, gb.gateway["peak_rss_mib"], "gateway", 0),
+            Figure(f"{big}: gateway memory per image in flight (× its {body_mib:.0f} MiB body)", math.nan, per_image, "gateway", 2),
         ]
     if "scale" in results:
         dn, gn = pair("scale")
@@ -1002,6 +1031,7 @@ def run(settings: Settings, args: argparse.Namespace, workdir: Path, started: li
         "shape": asdict(shape),
     }
     uri = image_uri(shape.image_mb)
+    big_uri = png_uri(make_png(int(shape.big_image_mb * 1e6)))
     upstream, upstream_port = start_upstream(workdir, shape)
     started.append(upstream)
     config = write_config(workdir, upstream_port, shape)
@@ -1011,8 +1041,8 @@ def run(settings: Settings, args: argparse.Namespace, workdir: Path, started: li
 
     upstream_url = f"http://{HOST}:{upstream_port}"
     slow_upstream_model = f"{MODEL}@{shape.slow_chunks}x{shape.slow_interval_ms:g}"
-    direct = Target("direct", upstream_url + CHAT_PATH, make_bodies(MODEL, slow_upstream_model, idle_upstream_model(shape), uri))
-    gateway = Target("gateway", f"http://{HOST}:{gateway_port}{CHAT_PATH}", make_bodies(MODEL, SLOW_MODEL, IDLE_MODEL, uri))
+    direct = Target("direct", upstream_url + CHAT_PATH, make_bodies(MODEL, slow_upstream_model, idle_upstream_model(shape), uri, big_uri))
+    gateway = Target("gateway", f"http://{HOST}:{gateway_port}{CHAT_PATH}", make_bodies(MODEL, SLOW_MODEL, IDLE_MODEL, uri, big_uri))
     check_end_to_end(gateway, upstream_url, shape)
     for target in (direct, gateway):
         warm_up(target, settings, plain)
@@ -1031,7 +1061,7 @@ def run(settings: Settings, args: argparse.Namespace, workdir: Path, started: li
         sides["floor"] = (floor, floor_child)
     results = run_phases(phases, direct, sides)
     meta["loadavg_after"] = _loadavg()
-    rows = figures(results, shape)
+    rows = figures(results, shape, len(gateway.bodies.big_image))
     print(render(rows, results, meta), flush=True)
     if args.json:
         Path(args.json).write_text(to_json(rows, results, meta))

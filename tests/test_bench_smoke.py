@@ -29,6 +29,10 @@ FIGURE_ROWS = [
     (r"4 MB PNG image_url, c=4: gateway peak RSS \(MiB\)", False),
     (r"4 MB PNG image_url, c=4: bare granian app p50 latency \(ms\)", True),
     (r"4 MB PNG image_url, c=4: bare granian app CPU per request \(µs\)", False),
+    (r"20 MB PNG \(decoded\) image_url, c=2: p50 latency \(ms\)", True),
+    (r"20 MB PNG \(decoded\) image_url, c=2: gateway CPU per request \(µs\)", False),
+    (r"20 MB PNG \(decoded\) image_url, c=2: gateway peak RSS \(MiB\)", False),
+    (r"20 MB PNG \(decoded\) image_url, c=2: gateway memory per image in flight \(× its \d+ MiB body\)", False),
     (r"40 open streams \([^|]*\): streams/s", True),
     (r"40 open streams \([^|]*\): first byte p50 \(ms\)", True),
     (r"40 open streams \([^|]*\): gateway memory per open stream \(KiB\)", False),
@@ -85,7 +89,7 @@ def test_json_holds_every_figure(smoke_run: tuple[subprocess.CompletedProcess[st
     document = json.loads(json_path.read_text())
     assert len(document["figures"]) == len(FIGURE_ROWS)
     assert all(isinstance(figure["gateway"], (int, float)) for figure in document["figures"])
-    assert set(document["phases"]) == {"small_c1", "small_c64", "streams", "slow_streams", "image", "image_floor", "scale"}
+    assert set(document["phases"]) == {"small_c1", "small_c64", "streams", "slow_streams", "image", "image_floor", "big_image", "scale"}
 
 
 def test_only_runs_and_reports_the_phases_named(tmp_path: Path) -> None:
