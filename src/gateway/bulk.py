@@ -5,7 +5,7 @@ nearly all its time (1.3 ms) and memory (5.3 MB) on one value: the data URI,
 which the gateway only checks and then forwards as the bytes it came in. So
 ``decode_leaving_uris`` finds each large ``"url": "data:..."`` string in the
 raw body and decodes the body around it: that value becomes a
-``chunks.RawString``, views of its JSON bytes (quotes included) in the body's
+``chunks.RawString``: where its JSON bytes (quotes included) lie in the body's
 pieces, never copied. ``images.inspect_image_url`` checks such a value in
 place, and ``shaping.encode`` writes it back out verbatim, so a body
 re-encoded for an upstream is still the client's.
@@ -100,7 +100,7 @@ def decode_leaving_uris(raw: Chunks) -> tuple[dict[str, Any], list[tuple[int, in
     done = 0
     for opening, closing in spans:
         placeholder = f"\x00{token}:{len(raws)}"
-        raws[placeholder] = RawString(raw.views(opening, closing + 1))
+        raws[placeholder] = RawString(raw, opening, closing + 1)
         pieces += (*raw.views(done, opening), msgspec.json.encode(placeholder))
         done = closing + 1
     pieces += raw.views(done, len(raw))

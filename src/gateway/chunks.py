@@ -12,7 +12,7 @@ match may straddle two pieces), single bytes, short slices as ``bytes``, and
 be decoded whole is joined once (``tobytes``).
 
 ``RawString`` is a JSON string left undecoded in such a body (``gateway.bulk``):
-the views of its bytes, quotes included. ``shaping.encode`` writes it back
+where its bytes lie, quotes included. ``shaping.encode`` writes it back
 verbatim.
 """
 
@@ -131,22 +131,29 @@ class Chunks:
 
 
 class RawString:
-    """A JSON string token left undecoded: the views of its bytes in the body, quotes included."""
+    """A JSON string token left undecoded: bytes ``[start, stop)`` of a ``Chunks`` body, quotes included."""
 
-    __slots__ = ("views",)
+    __slots__ = ("body", "start", "stop")
 
-    def __init__(self, views: Iterable[memoryview]) -> None:
-        self.views = tuple(views)
+    def __init__(self, body: Chunks, start: int, stop: int) -> None:
+        self.body = body
+        self.start = start
+        self.stop = stop
 
     def __len__(self) -> int:
-        return sum(len(view) for view in self.views)
+        return self.stop - self.start
+
+    @property
+    def views(self) -> list[memoryview]:
+        return self.body.views(self.start, self.stop)
 
     def __bytes__(self) -> bytes:
-        return b"".join(self.views)
+        return self.body.slice(self.start, self.stop)
 
     def __repr__(self) -> str:
-        return f"RawString({len(self)} bytes in {len(self.views)} piece(s))"
+        return f"RawString({len(self)} bytes at {self.start})"
 
     def as_raw(self) -> msgspec.Raw:
         """The token as a ``msgspec.Raw``, to be encoded verbatim (one join when it spans pieces)."""
-        return msgspec.Raw(self.views[0] if len(self.views) == 1 else bytes(self))
+        views = self.views
+        return msgspec.Raw(views[0] if len(views) == 1 else bytes(self))

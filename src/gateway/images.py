@@ -202,7 +202,7 @@ def inspect_image_url(url: object, *, max_image_bytes: int | None, at: Location)
     refusal.
     """
     if isinstance(url, RawString):
-        facts = _inspect_raw(url.views, max_image_bytes, at)
+        facts = _inspect_raw(url, max_image_bytes, at)
         if facts is None:
             raise RawImageDeclined
         return facts
@@ -237,18 +237,18 @@ class RawImageDeclined(Exception):
 _PLAIN_HEADER_BYTES: Final[bytes] = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 
 
-def _inspect_raw(views: Sequence[memoryview], max_image_bytes: int | None, at: Location) -> ImageFacts | None:
-    """The facts of a valid image URL given as its JSON string's bytes (in pieces), or None.
+def _inspect_raw(token: RawString, max_image_bytes: int | None, at: Location) -> ImageFacts | None:
+    """The facts of a valid image URL given as its JSON string's bytes in the body, or None.
 
     None for anything the ``str`` path could word differently: a header that
     is not plain ASCII or that the header rules refuse, an empty or non-base64
     payload. An image of the wrong size or type is refused here as the ``str``
     path would refuse it, since that verdict reads only lengths and a prefix.
     """
-    size = sum(len(view) for view in views)
-    if size < 2 or _head(views, 1) != b'"' or _tail(views, 1) != b'"':
+    body, first, last = token.body, token.start, token.stop - 1  # the quotes
+    if last <= first or body.byte(first) != 0x22 or body.byte(last) != 0x22:
         return None
-    head = _head(views, 1 + _MAX_HEADER_CHARS)[1 : size - 1]
+    head = body.slice(first + 1, min(last, first + 1 + _MAX_HEADER_CHARS))
     comma = head.find(b",", 5)
     if comma < 0 or head[:comma].translate(None, _PLAIN_HEADER_BYTES):
         return None
@@ -256,44 +256,12 @@ def _inspect_raw(views: Sequence[memoryview], max_image_bytes: int | None, at: L
         declared, image_type, _ = _parse_header(head[: comma + 1].decode("ascii"), at)
     except GatewayError:
         return None
-    payload = _span(views, 1 + comma + 1, size - 1)
-    encoded_chars = sum(len(view) for view in payload)
-    if not encoded_chars or not _is_strict_base64_in_pieces(payload):
+    start, end = first + 1 + comma + 1, last  # the payload
+    if start == end or not _is_strict_base64_in_pieces(body.views(start, end)):
         return None
-    padding = _tail(payload, 2).count(b"=")
-    return _image_facts(encoded_chars, padding, _head(payload, _SNIFF_CHARS), declared, image_type, max_image_bytes, at)
-
-
-def _head(views: Sequence[memoryview], size: int) -> bytes:
-    """The first ``size`` bytes of the pieces (fewer if they hold fewer)."""
-    out = bytearray()
-    for view in views:
-        out += view[: size - len(out)]
-        if len(out) >= size:
-            break
-    return bytes(out)
-
-
-def _tail(views: Sequence[memoryview], size: int) -> bytes:
-    """The last ``size`` bytes of the pieces (fewer if they hold fewer)."""
-    out = b""
-    for view in reversed(views):
-        out = bytes(view[max(len(view) - (size - len(out)), 0) :]) + out
-        if len(out) >= size:
-            break
-    return out
-
-
-def _span(views: Sequence[memoryview], start: int, stop: int) -> list[memoryview]:
-    """Bytes ``[start, stop)`` of the pieces, as views of them."""
-    out: list[memoryview] = []
-    base = 0
-    for view in views:
-        low, high = max(start - base, 0), min(stop - base, len(view))
-        if low < high:
-            out.append(view[low:high])
-        base += len(view)
-    return out
+    padding = body.slice(end - 2, end).count(b"=")
+    prefix = body.slice(start, start + _SNIFF_CHARS)
+    return _image_facts(end - start, padding, prefix, declared, image_type, max_image_bytes, at)
 
 
 def _is_strict_base64_in_pieces(payload: Sequence[memoryview]) -> bool:
