@@ -491,7 +491,7 @@ def test_property_fast_check_agrees_with_wording_checks(payload: str, slice_char
         images, "_CHECK_SLICE_VIEW_BYTES", slice_chars
     ):
         assert images._is_strict_base64(payload, 0, len(payload)) == wording
-        assert images._is_strict_base64(view, 0, len(view)) == wording
+        assert images._is_strict_base64_in_pieces([view]) == wording
 
 
 def test_padding_at_a_slice_end_mid_payload_refused() -> None:
@@ -550,6 +550,10 @@ def test_pieces_cut_at_a_quantum_are_checked_as_one_payload() -> None:
     assert images._is_strict_base64_in_pieces(_as_pieces(b"QUJDQQ==", [4]).views)
     assert not images._is_strict_base64_in_pieces(_as_pieces(b"QQ==QUJD", [4]).views)
     assert not images._is_strict_base64_in_pieces(_as_pieces(b"QUJDQQ==QUJD", [4, 8]).views)
+    # Pieces longer than a check slice are checked slice by slice, every slice whole.
+    with mock.patch.object(images, "_CHECK_SLICE_VIEW_BYTES", 8):
+        assert images._is_strict_base64_in_pieces(_as_pieces(b"QUJD" * 9 + b"QQ==", [6, 30]).views)
+        assert not images._is_strict_base64_in_pieces(_as_pieces(b"QUJD" * 4 + b"QQ==" + b"QUJD" * 4, [6, 30]).views)
 
 
 def test_padding_split_between_pieces_still_counts() -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import binascii
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final, NoReturn
 
 import attrs
@@ -95,24 +95,34 @@ _CHECK_SLICE_CHARS: Final[int] = 1 << 18
 _CHECK_SLICE_VIEW_BYTES: Final[int] = 1 << 20
 
 
-def _is_strict_base64(data: str | memoryview, start: int, end: int) -> bool:
-    """Whether ``data[start:end]`` is standard, padded base64 (the fast check).
+def _is_strict_base64(url: str, start: int, end: int) -> bool:
+    """Whether ``url[start:end]`` is standard, padded base64 (the fast check).
 
     pybase64's strict decode refuses any character outside the alphabet, '='
     anywhere but the end, and a length that is not a multiple of 4. Measured on
     a 4 MB image: 0.2 ms, against 2.5 ms for the bytes.translate check below and
-    7.8 ms for a character-class regex. A ``memoryview`` is read in place.
+    7.8 ms for a character-class regex.
     """
-    step = _CHECK_SLICE_VIEW_BYTES if type(data) is memoryview else _CHECK_SLICE_CHARS
-    for i in range(start, end, step):
-        piece = data[i : min(i + step, end)]
+    step = _CHECK_SLICE_CHARS
+    return _are_strict_base64(url[i : min(i + step, end)] for i in range(start, end, step))
+
+
+def _are_strict_base64(slices: Iterable[str | memoryview]) -> bool:
+    """Whether the slices, one after the other, are standard, padded base64.
+
+    Each slice but the last must be whole quanta; each is checked on its own
+    (its decoded output dropped at once), and may end in padding only if it is
+    the last one.
+    """
+    previous: str | memoryview | None = None
+    for piece in slices:
+        if previous is not None and previous[-1] in ("=", 0x3D):
+            return False
         try:
             pybase64.b64decode(piece, validate=True)
         except (binascii.Error, ValueError):
             return False
-        # A slice may end in padding only if it is the last one.
-        if i + step < end and piece[-1] in ("=", 0x3D):
-            return False
+        previous = piece
     return True
 
 
@@ -265,21 +275,15 @@ def _inspect_raw(token: RawString, max_image_bytes: int | None, at: Location) ->
 
 
 def _is_strict_base64_in_pieces(payload: Sequence[memoryview]) -> bool:
-    """``_is_strict_base64`` of the pieces' bytes taken together."""
-    segments = list(_quanta(payload))
-    for index, segment in enumerate(segments):
-        if not _is_strict_base64(segment, 0, len(segment)):
-            return False
-        if index + 1 < len(segments) and segment[-1] == 0x3D:  # '=' may only end the whole payload
-            return False
-    return True
+    """``_is_strict_base64`` of the pieces' bytes taken together, read in place."""
+    return _are_strict_base64(_quanta(payload))
 
 
 def _quanta(payload: Sequence[memoryview]) -> Iterator[memoryview]:
-    """The payload's pieces cut at multiples of 4 characters, so each checks on its own.
+    """The payload's pieces cut into slices of whole quanta, at most ``_CHECK_SLICE_VIEW_BYTES`` each.
 
     A quantum split between two pieces is joined (4 bytes copied). The last
-    segment is ragged when the payload's length is not a multiple of 4, which
+    slice is ragged when the payload's length is not a multiple of 4, which
     the strict check refuses.
     """
     carry = b""
@@ -293,8 +297,8 @@ def _quanta(payload: Sequence[memoryview]) -> Iterator[memoryview]:
             yield memoryview(carry)
             carry = b""
         whole = len(view) - len(view) % 4
-        if whole:
-            yield view[:whole]
+        for at in range(0, whole, _CHECK_SLICE_VIEW_BYTES):
+            yield view[at : min(at + _CHECK_SLICE_VIEW_BYTES, whole)]
         carry = bytes(view[whole:])
     if carry:
         yield memoryview(carry)
