@@ -230,3 +230,13 @@ def test_a_20_mb_image_is_inspected_with_a_small_peak() -> None:
     assert result is not None
     assert result[1].images[0].decoded_bytes == len(PNG) + 20 * 1024 * 1024
     assert peak < 1024 * 1024, peak
+
+
+def test_only_a_value_of_a_url_key_is_taken_as_a_uri() -> None:
+    """A large data: string is left raw only as the value of "url" (spaces around the colon allowed)."""
+    uri = data_uri(PNG + bytes(100_000))
+    taken = [b'{"url" : "%s"}', b'{"url":"%s"}', b'{"url"\n:\t"%s"}']
+    not_taken = [b'{"text":"%s"}', b'{"xurl":"%s"}', b'["url","%s"]', b'{"url":1,"a":"%s"}']
+    for layout in taken + not_taken:
+        raw = in_pieces(layout % uri.encode())
+        assert bool(bulk._uri_spans(raw)) == (layout in taken), layout

@@ -45,6 +45,7 @@ from gateway.chunks import Chunks, RawString
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts, inspect_request
 from gateway.images import RawImageDeclined
+from gateway.shaping import before_space
 
 __all__ = ["LARGE_URI_BYTES", "InPlace", "decode_leaving_uris", "inspect_in_place"]
 
@@ -54,7 +55,6 @@ LARGE_URI_BYTES: Final[int] = 1 << 16
 MAX_RAW_VALUES: Final[int] = 64
 
 _decode = msgspec.json.Decoder().decode
-_WHITESPACE: Final[bytes] = b" \t\r\n"
 
 
 class InPlace(NamedTuple):
@@ -132,15 +132,11 @@ def _uri_spans(raw: Chunks) -> list[tuple[int, int]]:
 
 def _is_url_value(raw: Chunks, opening: int) -> bool:
     """Whether the string opening at ``opening`` follows ``"url"`` and a colon."""
-    at = opening - 1
-    while at >= 0 and raw.byte(at) in _WHITESPACE:
-        at -= 1
-    if at < 0 or raw.byte(at) != 0x3A:  # ':'
+    colon = before_space(raw, opening) - 1
+    if colon < 0 or raw.byte(colon) != 0x3A:  # ':'
         return False
-    at -= 1
-    while at >= 0 and raw.byte(at) in _WHITESPACE:
-        at -= 1
-    return at >= 4 and raw.slice(at - 4, at + 1) == b'"url"'
+    key_end = before_space(raw, colon)
+    return key_end >= 5 and raw.slice(key_end - 5, key_end) == b'"url"'
 
 
 def _put_back(body: dict[str, Any], raws: dict[str, RawString]) -> int:

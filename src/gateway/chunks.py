@@ -116,7 +116,7 @@ class Chunks:
                 end = base + len(piece)
                 low = max(base, end - reach)
                 found = self.slice(low, end + reach).rfind(sub)
-                if found >= 0 and low + found < end:
+                if found >= 0:  # it starts in this piece: fewer than len(sub) bytes follow its end here
                     return low + found
             found = piece.rfind(sub)
             if found >= 0:

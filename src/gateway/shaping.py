@@ -210,19 +210,19 @@ def top_level_spans(raw: Chunks, strings: Mapping[int, int] | None = None) -> di
     closing = raw.rfind(b"}")
     for index, (name, _, value_at) in enumerate(keys):
         boundary = keys[index + 1][1] if index + 1 < len(keys) else closing
-        value_end = _before_space(raw, boundary)
+        value_end = before_space(raw, boundary)
         if index + 1 < len(keys):
             if raw.byte(value_end - 1) != _COMMA:
                 return None
-            value_end = _before_space(raw, value_end - 1)
+            value_end = before_space(raw, value_end - 1)
         if name in spans or value_end <= value_at:
             return None
         spans[name] = (value_at, value_end)
     return spans
 
 
-def _before_space(raw: Chunks, at: int) -> int:
-    """``at`` moved back over JSON whitespace."""
+def before_space(raw: Chunks, at: int) -> int:
+    """``at`` moved back over JSON whitespace (the end of what precedes it)."""
     while at > 0 and raw.byte(at - 1) in _JSON_SPACE:
         at -= 1
     return at
