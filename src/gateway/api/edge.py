@@ -162,14 +162,13 @@ class cancelled_on_disconnect:  # a class named as the function it replaced: ``a
         self._listen()
 
     def _listen(self) -> None:
-        if not asyncio.iscoroutinefunction(self._receive):
-            awaitable = self._receive()
-            if asyncio.isfuture(awaitable):
-                self._pending = awaitable
-                awaitable.add_done_callback(self._on_message)
-                return
-            if asyncio.iscoroutine(awaitable):
-                awaitable.close()  # not started, so nothing lost: the task below listens instead
+        awaitable = self._receive()
+        if asyncio.isfuture(awaitable):
+            self._pending = awaitable
+            awaitable.add_done_callback(self._on_message)
+            return
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()  # not started, so nothing lost: the task below listens instead
         self._watcher = asyncio.ensure_future(self._watch())
 
     def _on_message(self, future: Any) -> None:
