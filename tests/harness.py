@@ -294,8 +294,14 @@ class GatewayProcess:
         self.stop()
 
 
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
 def gateway_env(extra: Mapping[str, str] | None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The machine's own proxy settings must not decide where a test's upstream calls go;
+    # a test of the proxy support gives its own.
+    env = {name: value for name, value in os.environ.items() if name.lower() not in PROXY_VARIABLES}
+    env["PYTHONUNBUFFERED"] = "1"
     # src/ on the path so the gateway runs from a checkout even when not pip-installed.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC_DIR), env.get("PYTHONPATH", "")) if p)
     env.update(extra or {})

@@ -21,11 +21,14 @@ What it does, and no more:
   decoded; another encoding is refused as a protocol error;
 - a connection goes back to its pool only after a complete answer that allows
   keep-alive; one closed before its answer was read is aborted, which is how an
-  upstream learns that nobody is listening any more.
+  upstream learns that nobody is listening any more;
+- an origin that ``proxies`` (``gateway.proxies``) sends through a proxy is
+  reached through a ``CONNECT`` tunnel, TLS running inside it end to end.
 
 Failures are ``H1Error`` with a ``kind``: ``connect`` (refused, unreachable:
-``errno`` set), ``connect_timeout``, ``closed`` (the connection ended before or
-during the answer; ``partial`` says which), ``protocol`` (not HTTP/1.x).
+``errno`` set; a proxy that refuses the tunnel), ``connect_timeout``,
+``closed`` (the connection ended before or during the answer; ``partial`` says
+which), ``protocol`` (not HTTP/1.x).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ import zlib
 from typing import Any, NamedTuple
 
 import httptools
+
+from gateway.proxies import Proxies, Proxy
 
 # Unread body bytes held per answer before reading from the socket pauses.
 BUFFER_BYTES = 1 << 20
@@ -348,11 +353,13 @@ class H1Pool:
         max_idle_per_origin: int = 256,
         keepalive_s: float = 4.0,
         ssl_context: ssl.SSLContext | None = None,
+        proxies: Proxies | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.max_idle_per_origin = max_idle_per_origin
         self.keepalive_s = keepalive_s
         self._ssl_context = ssl_context
+        self._proxies = proxies or None
         self._idle: dict[Origin, list[_Connection]] = {}
         self._open = 0
         # Each waiter gets a released connection of its origin, or None: a slot to connect in.
@@ -442,11 +449,15 @@ class H1Pool:
         loop = asyncio.get_running_loop()
         connection = _Connection(self, origin)
         context = self._tls_context() if origin.scheme == "https" else None
+        proxy = self._proxies.for_origin(*origin) if self._proxies is not None else None
         try:
-            await loop.create_connection(
-                lambda: connection, origin.host, origin.port, ssl=context,
-                server_hostname=origin.host if context is not None else None,
-            )
+            if proxy is None:
+                await loop.create_connection(
+                    lambda: connection, origin.host, origin.port, ssl=context,
+                    server_hostname=origin.host if context is not None else None,
+                )
+            else:
+                await _open_tunnel(loop, connection, proxy, context)
         except BaseException as exc:
             self._give_slot()
             if isinstance(exc, ssl.SSLError):
@@ -509,6 +520,78 @@ class H1Pool:
             connection._abort()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports run connection_lost
+
+
+class _Tunnel(asyncio.Protocol):
+    """A connection to a proxy until the proxy answers its ``CONNECT``; the transport is then handed on."""
+
+    def __init__(self) -> None:
+        self.answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._head = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered.done():
+            return  # the tunnel is being handed on or given up: either way these bytes are not ours
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_HEAD_BYTES:
+                self.answered.set_exception(H1Error("protocol", "the proxy's answer to CONNECT never ends"))
+            return
+        status = _proxy_status(bytes(self._head[:end]))
+        if status is None:
+            self.answered.set_exception(H1Error("protocol", "the proxy's answer to CONNECT is not HTTP/1.x"))
+        elif not 200 <= status < 300:
+            refusal = "refused the credentials" if status == 407 else "refused the tunnel"
+            self.answered.set_exception(H1Error("connect", f"the proxy {refusal} (HTTP {status})"))
+        elif end + 4 != len(self._head):
+            # Nothing may come before the first request (http) or the TLS hello (https).
+            self.answered.set_exception(H1Error("protocol", "the proxy sent bytes before the tunnel was used"))
+        else:
+            self.answered.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.set_exception(H1Error("connect", "the proxy closed the connection before the tunnel opened"))
+
+
+def _proxy_status(head: bytes) -> int | None:
+    """The status of a proxy's answer head, or None when it is not an HTTP/1.x status line."""
+    line = head.split(b"\r\n", 1)[0].split()
+    if len(line) < 2 or not line[0].startswith(b"HTTP/1.") or not line[1].isdigit() or len(line[1]) != 3:
+        return None
+    return int(line[1])
+
+
+async def _open_tunnel(
+    loop: asyncio.AbstractEventLoop, connection: _Connection, proxy: Proxy, context: ssl.SSLContext | None
+) -> None:
+    """Connect ``connection`` to its origin through a ``CONNECT`` tunnel of ``proxy``, TLS inside when ``context``."""
+    origin = connection.origin
+    try:
+        transport, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
+    except socket.gaierror:
+        raise H1Error("connect", "the proxy's host name does not resolve") from None
+    except OSError as exc:
+        number = exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else None
+        raise H1Error("connect", f"the proxy: {errno_words(number)}", errno=number) from None
+    authority = f"[{origin.host}]:{origin.port}" if ":" in origin.host else f"{origin.host}:{origin.port}"
+    head = [("host", authority)]
+    if proxy.authorization is not None:
+        head.append(("proxy-authorization", proxy.authorization.decode("ascii")))
+    try:
+        transport.write(request_head("CONNECT", authority, head) + b"\r\n")
+        await tunnel.answered
+        if context is not None:
+            tls = await loop.start_tls(transport, connection, context, server_hostname=origin.host)
+            assert tls is not None  # None only for a transport that is closing
+            transport = tls
+        else:
+            transport.set_protocol(connection)
+        connection.connection_made(transport)
+    except BaseException:
+        transport.abort()
+        raise
 
 
 def request_head(method: str, path: str, headers: list[tuple[str, str]]) -> bytes:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import logging
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -41,12 +42,15 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 
 from gateway.h1 import H1Error, H1Pool, Origin, RequestBody, body_length, errno_words, request_head
+from gateway.proxies import Proxies
 from gateway.snapshot import Target
 
 if TYPE_CHECKING:
     import httpx
 
     from gateway.upstream_httpx import HttpxSender
+
+log = logging.getLogger(__name__)
 
 # Loopback upstreams answer uncompressed: gzip would cost CPU on both sides for nothing,
 # and remote ones send small JSON whose size does not matter next to generation time.
@@ -165,7 +169,10 @@ class UpstreamClient:
 
             self._httpx = HttpxSender(transport)
         else:
-            self._pool = H1Pool(max_connections=max_connections)
+            proxies = Proxies.from_environment()
+            if proxies:
+                log.info("upstream proxy: %s", proxies.describe())
+            self._pool = H1Pool(max_connections=max_connections, proxies=proxies)
         self._prepared: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], Prepared] = {}
 
     async def aclose(self) -> None:
