@@ -369,12 +369,14 @@ async def test_a_released_connection_of_another_origin_is_closed_to_make_room() 
         await pool.aclose()
 
 
-@in_loop
-async def test_https_origins_are_reached_over_verified_tls() -> None:
+@contextlib.asynccontextmanager
+async def tls_server(name: str) -> AsyncIterator[tuple[int, ssl.SSLContext]]:
+    """A loopback server answering each request over TLS with a certificate for ``name``:
+    its port, and a client context that trusts its authority."""
     trustme = pytest.importorskip("trustme")
     authority = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    authority.issue_cert(name).configure_cert(server_context)
     client_context = ssl.create_default_context()
     authority.configure_trust(client_context)
     helper = Server(answer_each_request)
@@ -386,8 +388,16 @@ async def test_https_origins_are_reached_over_verified_tls() -> None:
             writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context)
-    origin = Origin("https", "127.0.0.1", server.sockets[0].getsockname()[1])
     try:
+        yield server.sockets[0].getsockname()[1], client_context
+    finally:
+        server.close()
+
+
+@in_loop
+async def test_https_origins_are_reached_over_verified_tls() -> None:
+    async with tls_server("127.0.0.1") as (port, client_context):
+        origin = Origin("https", "127.0.0.1", port)
         pool = H1Pool(ssl_context=client_context)
         for _ in range(2):
             assert await read_all(await call(pool, origin)) == OK_BODY
@@ -400,8 +410,6 @@ async def test_https_origins_are_reached_over_verified_tls() -> None:
         assert caught.value.kind == "connect"
         assert caught.value.detail.startswith("TLS handshake failed")
         assert untrusting.open_connections == 0
-    finally:
-        server.close()
 
 
 @in_loop

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from conftest import GatewayFactory
 from gateway.h1 import H1Error, H1Pool, Origin
 from gateway.proxies import Proxies, Proxy, parse_proxy_url
 from harness import CLIENT_KEY, GatewayProcess, StandIn, local_client
-from test_h1 import OK_BODY, Server, answer_each_request, call, in_loop, read_all
+from test_h1 import OK_BODY, Server, answer_each_request, call, in_loop, read_all, tls_server
 
 USER, PASSWORD = "spark", "p@ss:w/rd"
 
@@ -117,8 +116,9 @@ async def proxy_running(**options: Any) -> AsyncIterator[ConnectProxy]:
         proxy.close()
 
 
-def through(proxy: ConnectProxy, scheme: str = "http", **options: Any) -> Proxies:
-    return Proxies({scheme: parse_proxy_url(proxy.url.replace("://", f"://{options.pop('userinfo', '')}"))}, **options)
+def through(proxy: ConnectProxy, scheme: str = "http", userinfo: str = "") -> Proxies:
+    """Proxies sending ``scheme`` origins through ``proxy``, with ``userinfo`` ("user:password@") in its URL."""
+    return Proxies({scheme: parse_proxy_url(proxy.url.replace("://", f"://{userinfo}"))})
 
 
 # --- which origins go through which proxy -----------------------------------------------------
@@ -197,38 +197,19 @@ async def test_http_origins_are_reached_through_a_tunnel_kept_alive_like_any_con
 
 @in_loop
 async def test_https_origins_run_verified_tls_end_to_end_inside_the_tunnel() -> None:
-    trustme = pytest.importorskip("trustme")
-    authority = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("spark-cloud.test").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    authority.configure_trust(client_context)
-    helper = Server(answer_each_request)
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async with tls_server("spark-cloud.test") as (port, client_context), proxy_running() as proxy:
+        pool = H1Pool(ssl_context=client_context, proxies=through(proxy, "https"))
         try:
-            await answer_each_request(reader, writer, helper)
+            for _ in range(2):
+                assert await read_all(await call(pool, Origin("https", "spark-cloud.test", port))) == OK_BODY
+            assert pool.open_connections == 1
+            # The certificate is checked against the backend's name, not the proxy's: another name fails.
+            with pytest.raises(H1Error) as caught:
+                await call(pool, Origin("https", "elsewhere.test", port))
+            assert caught.value.kind == "connect" and caught.value.detail.startswith("TLS handshake failed")
         finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with proxy_running() as proxy:
-            pool = H1Pool(ssl_context=client_context, proxies=through(proxy, "https"))
-            try:
-                for _ in range(2):
-                    assert await read_all(await call(pool, Origin("https", "spark-cloud.test", port))) == OK_BODY
-                assert pool.open_connections == 1
-                # The certificate is checked against the backend's name, not the proxy's: another name fails.
-                with pytest.raises(H1Error) as caught:
-                    await call(pool, Origin("https", "elsewhere.test", port))
-                assert caught.value.kind == "connect" and caught.value.detail.startswith("TLS handshake failed")
-            finally:
-                await pool.aclose()
-        assert proxy.tunnels == [f"spark-cloud.test:{port}", f"elsewhere.test:{port}"]
-    finally:
-        server.close()
+            await pool.aclose()
+    assert proxy.tunnels == [f"spark-cloud.test:{port}", f"elsewhere.test:{port}"]
 
 
 @in_loop

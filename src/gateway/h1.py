@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import httptools
 
-from gateway.proxies import Proxies, Proxy
+from gateway.proxies import Proxies, Proxy, authority
 
 # Unread body bytes held per answer before reading from the socket pauses.
 BUFFER_BYTES = 1 << 20
@@ -575,12 +575,12 @@ async def _open_tunnel(
     except OSError as exc:
         number = exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else None
         raise H1Error("connect", f"the proxy: {errno_words(number)}", errno=number) from None
-    authority = f"[{origin.host}]:{origin.port}" if ":" in origin.host else f"{origin.host}:{origin.port}"
-    head = [("host", authority)]
+    target = authority(origin.host, origin.port)
+    head = [("host", target)]
     if proxy.authorization is not None:
         head.append(("proxy-authorization", proxy.authorization.decode("ascii")))
     try:
-        transport.write(request_head("CONNECT", authority, head) + b"\r\n")
+        transport.write(request_head("CONNECT", target, head) + b"\r\n")
         await tunnel.answered
         if context is not None:
             tls = await loop.start_tls(transport, connection, context, server_hostname=origin.host)

@@ -34,7 +34,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import NamedTuple
 
-__all__ = ["Proxies", "Proxy"]
+__all__ = ["Proxies", "Proxy", "authority", "parse_proxy_url"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Proxy(NamedTuple):
     @property
     def address(self) -> str:
         """host:port, for logs (no credentials)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return authority(self.host, self.port)
 
 
 class Proxies:
@@ -104,6 +104,11 @@ class Proxies:
         if self.no_proxy:
             parts.append(f"NO_PROXY {self.no_proxy}")
         return "; ".join(parts)
+
+
+def authority(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets: a CONNECT target, or a proxy named in a log."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_proxy_url(url: str) -> Proxy:
