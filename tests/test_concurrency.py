@@ -11,6 +11,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from typing import Any, Self
 
 import httpx
@@ -172,6 +173,122 @@ def test_gates_follow_the_serving_config() -> None:
     assert asyncio.run(scenario()) == (2, 2, True)
 
 
+# ---------------------------------------------------------------- gates of several workers
+
+
+class SharedFile:
+    """Stands for one slot file seen by several workers: which worker holds each slot.
+
+    Like the kernel's locks, a worker that takes a slot it holds already gets it again.
+    """
+
+    def __init__(self) -> None:
+        self.owners: dict[int, str] = {}
+
+    def worker(self, name: str) -> WorkerView:
+        return WorkerView(self, name)
+
+
+class WorkerView:
+    def __init__(self, shared: SharedFile, name: str) -> None:
+        self._shared, self._name = shared, name
+
+    def take(self, capacity: int, held: AbstractSet[int]) -> int | None:
+        for index in range(capacity):
+            if index not in held and self._shared.owners.get(index, self._name) == self._name:
+                self._shared.owners[index] = self._name
+                return index
+        return None
+
+    def give_back(self, index: int) -> None:
+        if self._shared.owners.get(index) == self._name:
+            del self._shared.owners[index]
+
+
+def test_two_workers_share_the_slots_and_a_given_back_slot_is_open_to_both() -> None:
+    """Capacity 2 over two workers: the third caller waits; a released slot goes back to the file, not to the own line."""
+
+    async def scenario() -> None:
+        shared = SharedFile()
+        a, b = Gate(2, shared.worker("a")), Gate(2, shared.worker("b"))
+        first = await a.acquire("m", max_queue=5, timeout_s=5)
+        second = await b.acquire("m", max_queue=5, timeout_s=5)
+        assert sorted(shared.owners.items()) == [(0, "a"), (1, "b")]
+        waiting_in_a = asyncio.create_task(a.acquire("m", max_queue=5, timeout_s=5))
+        await asyncio.sleep(0)
+        assert len(a.waiters) == 1 and a.active == 1
+
+        first.release()
+        assert shared.owners == {1: "b"}, "the slot is free for every worker, not handed within a"
+        newcomer_in_b = await asyncio.wait_for(b.acquire("m", max_queue=5, timeout_s=5), 1)
+        assert shared.owners == {0: "b", 1: "b"} and not waiting_in_a.done()
+
+        second.release()  # a's waiter takes it at its next look
+        third = await asyncio.wait_for(waiting_in_a, 1)
+        assert shared.owners == {0: "b", 1: "a"}
+        for slot in (newcomer_in_b, third):
+            slot.release()
+        assert shared.owners == {} and (a.active, b.active) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_whose_waiter_leaves_as_it_is_handed_a_shared_slot_gives_it_back() -> None:
+    """The shared slot goes back to the file, where the other worker takes it."""
+
+    async def scenario() -> None:
+        shared = SharedFile()
+        a, b = Gate(1, shared.worker("a")), Gate(1, shared.worker("b"))
+        holder = await b.acquire("m", max_queue=5, timeout_s=5)
+        leaving = asyncio.create_task(a.acquire("m", max_queue=5, timeout_s=5))
+        await asyncio.sleep(0)
+        holder.release()
+        a._on_poll()  # a's next look, now: it hands the slot over ...
+        assert a.active == 1 and shared.owners == {0: "a"}
+        leaving.cancel()  # ... and its client leaves before the waiter runs again
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert shared.owners == {} and a.active == 0 and not a.waiters
+        again = await asyncio.wait_for(b.acquire("m", max_queue=5, timeout_s=5), 1)
+        again.release()
+
+    asyncio.run(scenario())
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 3), st.booleans()), min_size=1, max_size=20),
+    st.integers(1, 3),
+)
+def test_workers_sharing_slots_never_exceed_the_capacity_together(jobs: list[tuple[str, int, bool]], capacity: int) -> None:
+    """Any mix of holders and leavers in two workers: together they hold at most the capacity, and give every slot back."""
+
+    async def scenario() -> tuple[int, dict[int, str], int]:
+        shared = SharedFile()
+        gates = {name: Gate(capacity, shared.worker(name)) for name in "ab"}
+        peak = 0
+
+        async def job(gate: Gate, hold_steps: int) -> None:
+            nonlocal peak
+            slot = await gate.acquire("m", max_queue=100, timeout_s=10)
+            try:
+                peak = max(peak, sum(g.active for g in gates.values()), len(shared.owners))
+                for _ in range(hold_steps):
+                    await asyncio.sleep(0.001)
+            finally:
+                slot.release()
+
+        tasks = [asyncio.create_task(job(gates[name], steps)) for name, steps, _ in jobs]
+        await asyncio.sleep(0)
+        for task, (_, _, leaves) in zip(tasks, jobs):
+            if leaves:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return peak, shared.owners, sum(len(g.waiters) for g in gates.values())
+
+    peak, owners, waiting = asyncio.run(scenario())
+    assert peak <= capacity and owners == {} and waiting == 0
+
+
 # ---------------------------------------------------------------- a running gateway
 
 
@@ -321,3 +438,35 @@ def test_no_slot_leaks_after_clients_leave(idle_standin: StandIn, gateway_factor
     assert asyncio.run(scenario()) == [200, 200]
     # Only the two holders and the two new streams ever reached the upstream: the waiters left before their turn.
     assert sorted(r["body"]["messages"][0]["content"] for r in standin.requests()) == ["again-0", "again-1", "holder-0", "holder-1"]
+
+
+async def both_workers_ready(client: httpx.AsyncClient, url: str) -> None:
+    """Until the second worker listens, every connection goes to the first."""
+    pids: set[int] = set()
+    for _ in range(100):
+        answers = await asyncio.gather(*(client.get(f"{url}/readyz") for _ in range(4)))
+        pids |= {answer.json()["pid"] for answer in answers if answer.status_code == 200}
+        if len(pids) == 2:
+            return
+        await asyncio.sleep(POLL_S)
+    raise AssertionError(f"only workers {pids} answered")
+
+
+def test_two_workers_keep_the_backend_at_its_max_concurrency(idle_standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """`gateway serve --workers 2`, max_concurrency 2: eight streams on eight connections, never more than 2 upstream."""
+    standin = idle_standin
+    gateway = gateway_factory(gated_config(standin, max_concurrency=2, max_queue=8, queue_timeout_s=60), workers=2)
+    step = {"kind": "ok", "chunks": 5, "interval_ms": 100}
+
+    async def scenario() -> list[tuple[int, dict[str, str], str]]:
+        limits = httpx.Limits(max_connections=8, max_keepalive_connections=0)  # one connection each: both workers get some
+        async with httpx.AsyncClient(trust_env=False, timeout=60, limits=limits) as client:
+            await both_workers_ready(client, gateway.url)
+            return list(await asyncio.gather(*(run_stream(client, gateway.url, stream_body(f"req-{i}", step)) for i in range(8))))
+
+    with InFlightSampler(standin) as sampler:
+        results = asyncio.run(scenario())
+    assert [status for status, _, _ in results] == [200] * 8, results
+    assert all(text.rstrip().endswith("data: [DONE]") for _, _, text in results)
+    assert sampler.peak == 2
+    assert len(standin.requests()) == 8

@@ -42,6 +42,7 @@ from gateway.logs import configure_logging
 from gateway.memory import keep_large_buffers_in_heap
 from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
+from gateway.shared_slots import SlotDirectory
 from gateway.upstream import UpstreamClient
 from gateway.watch import LiveReload
 
@@ -152,7 +153,9 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         # Limits read the serving config on every request, so they follow reloads.
         config = lambda: (holder.current.config if holder.current else None)
         admission = RateAdmission(config)
-        dispatcher = Dispatcher(state.client, state.health, routing, slots=BackendGates(config))
+        # Workers of one `gateway serve` share each backend's slots (none to share in one process).
+        slot_files = SlotDirectory.from_environment()
+        dispatcher = Dispatcher(state.client, state.health, routing, slots=BackendGates(config, slot_files))
         state.completions = CompletionService(holder, dispatcher, metrics, admission=admission)
         state.live_reload = LiveReload(holder)
         await state.live_reload.start()
@@ -163,6 +166,8 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
             await state.live_reload.stop()
             await admission.aclose()
             await state.client.aclose()
+            if slot_files is not None:
+                slot_files.close()
 
     async def serve_chat_completions(scope: Any, receive: Any, send: Any) -> None:
         assert state.completions is not None

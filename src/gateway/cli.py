@@ -14,6 +14,7 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.keys import build_keyring, keys_file_path
 from gateway.keys_cli import add_keys_parser
 from gateway.reload import LAST_GOOD_ENV
+from gateway.shared_slots import SLOTS_DIR_ENV
 
 
 def _config_path(value: str | None) -> Path:
@@ -126,16 +127,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Workers are separate processes: they find the config through the environment.
     os.environ["GATEWAY_CONFIG"] = str(path)
-    # Where workers keep the last configuration that loaded, for a worker respawned
-    # while models.toml is broken; private to this run, removed when it ends.
-    last_good = tempfile.mkdtemp(prefix="gateway-last-good-")
-    os.environ[LAST_GOOD_ENV] = last_good
+    # A directory private to this run, removed when it ends, holding:
+    # - the last configuration that loaded, for a worker respawned while models.toml is broken;
+    # - with several workers, the slot files through which they share each backend's max_concurrency.
+    run_dir = Path(tempfile.mkdtemp(prefix="gateway-run-"))
+    os.environ[LAST_GOOD_ENV] = str(run_dir / "last-good")
+    (run_dir / "last-good").mkdir()
+    if args.workers > 1:
+        os.environ[SLOTS_DIR_ENV] = str(run_dir / "slots")
+        (run_dir / "slots").mkdir()
+    else:
+        os.environ.pop(SLOTS_DIR_ENV, None)
     raise_open_files_limit()
     server = Granian("gateway.app:create_app", **server_options(args))
     try:
         server.serve()
     finally:
-        shutil.rmtree(last_good, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

@@ -12,8 +12,14 @@ How it works:
    that was handed a slot just as it left passes the slot on.
 4. Limits are read from the serving config on every acquire: a reload changes a
    gate's capacity in place, and calls in flight stay counted across it.
-Gates live in one worker process: with several granian workers, each worker
-admits ``max_concurrency`` on its own.
+
+Several workers (``gateway serve --workers N``) share each backend's slots
+through a slot file (``gateway.shared_slots``): a slot is taken only when no
+other worker holds it. Each worker keeps its own line, in arrival order, and
+while it waits it looks at the file every ``SHARED_POLL_S``. A released slot is
+not handed to the releasing worker's own line: it goes back to the file, for
+whichever worker looks first, so no worker's line can keep the slots from
+another's.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from typing import Protocol
 
 from gateway.admission import NO_SLOT, Slot
 from gateway.config.model import Backend, Config
 from gateway.errors import GatewayError
+from gateway.shared_slots import SlotDirectory
 from gateway.snapshot import Target
 
 DEFAULT_MAX_QUEUE = 16
@@ -34,13 +43,27 @@ DEFAULT_QUEUE_TIMEOUT_S = 30.0
 # How much one finished call moves the estimate of how long a slot is held.
 HOLD_SMOOTHING = 0.2
 MAX_RETRY_AFTER_S = 60
+# How often a worker whose line waits looks for a slot another worker gave back:
+# small beside a GPU call's seconds, rare enough to cost nothing measurable.
+SHARED_POLL_S = 0.005
+# The slot number when the gate counts alone (no slot file).
+UNSHARED = 0
+
+
+class SharedSlots(Protocol):
+    """Slots held across processes (``shared_slots.SlotFile``)."""
+
+    def take(self, capacity: int, held: AbstractSet[int]) -> int | None: ...
+
+    def give_back(self, index: int) -> None: ...
 
 
 class GateSlot:
     """One slot of a gate; released once, however many paths try."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, index: int) -> None:
         self._gate = gate
+        self._index = index
         self._started = time.monotonic()
         self._released = False
 
@@ -48,50 +71,62 @@ class GateSlot:
         if self._released:
             return
         self._released = True
-        self._gate.release(time.monotonic() - self._started)
+        self._gate.release(self._index, time.monotonic() - self._started)
 
 
 class Gate:
     """At most ``capacity`` holders at once; the rest wait in arrival order."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, shared: SharedSlots | None = None) -> None:
         self.capacity = capacity
         self.active = 0
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[asyncio.Future[int]] = deque()
         self.mean_hold_s = 1.0
+        self._shared = shared
+        self._held: set[int] = set()  # the shared slots this process holds
+        self._poll: asyncio.TimerHandle | None = None
 
     def resize(self, capacity: int) -> None:
         self.capacity = capacity
         self._hand_over()
 
     async def acquire(self, alias: str, max_queue: int, timeout_s: float) -> Slot:
-        if self.active < self.capacity and not self.waiters:
-            self.active += 1
-            return GateSlot(self)
+        if not self.waiters:
+            index = self._take()
+            if index is not None:
+                return GateSlot(self, index)
         if len(self.waiters) >= max_queue:
             raise self._busy(alias, f"its queue of {max_queue} is full")
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        turn: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.waiters.append(turn)
+        self._poll_soon()
         try:
             async with asyncio.timeout(timeout_s):
-                await turn
+                index = await turn
         except TimeoutError:
             if not self._handed(turn):
                 self._leave(turn)
                 raise self._busy(alias, f"no slot came free within {timeout_s:g} s") from None
+            index = turn.result()
         except asyncio.CancelledError:
             if self._handed(turn):
-                self.release(None)  # handed a slot as the client left: pass it on
+                self.release(turn.result(), None)  # handed a slot as the client left: pass it on
             else:
                 self._leave(turn)
             raise
-        return GateSlot(self)
+        return GateSlot(self, index)
 
-    def release(self, held_s: float | None) -> None:
+    def release(self, index: int, held_s: float | None) -> None:
         self.active -= 1
         if held_s is not None:
             self.mean_hold_s += HOLD_SMOOTHING * (held_s - self.mean_hold_s)
-        self._hand_over()
+        if self._shared is None:
+            self._hand_over()
+            return
+        self._held.discard(index)
+        self._shared.give_back(index)
+        # No hand-over now: the next poll takes it, or another worker's does first.
+        self._poll_soon()
 
     def retry_after_s(self) -> int:
         """A guess at when a slot frees up for a newcomer: the line's length in slot-hold times."""
@@ -99,10 +134,10 @@ class Gate:
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(self.mean_hold_s * rounds)))
 
     @staticmethod
-    def _handed(turn: asyncio.Future[None]) -> bool:
+    def _handed(turn: asyncio.Future[int]) -> bool:
         return turn.done() and not turn.cancelled()
 
-    def _leave(self, turn: asyncio.Future[None]) -> None:
+    def _leave(self, turn: asyncio.Future[int]) -> None:
         try:
             self.waiters.remove(turn)
         except ValueError:
@@ -110,13 +145,40 @@ class Gate:
         # Leaving may unblock the next waiter when capacity grew meanwhile.
         self._hand_over()
 
+    def _take(self) -> int | None:
+        """A free slot for this process, counted as active; None when there is none."""
+        if self.active >= self.capacity:
+            return None
+        index = UNSHARED
+        if self._shared is not None:
+            taken = self._shared.take(self.capacity, self._held)
+            if taken is None:
+                return None
+            index = taken
+            self._held.add(index)
+        self.active += 1
+        return index
+
     def _hand_over(self) -> None:
-        while self.waiters and self.active < self.capacity:
-            turn = self.waiters.popleft()
-            if turn.done():
-                continue  # its waiter left already
-            self.active += 1
-            turn.set_result(None)
+        while self.waiters:
+            if self.waiters[0].done():
+                self.waiters.popleft()  # its waiter left already
+                continue
+            index = self._take()
+            if index is None:
+                break
+            self.waiters.popleft().set_result(index)
+        self._poll_soon()
+
+    def _poll_soon(self) -> None:
+        """While the line waits on shared slots, look again in ``SHARED_POLL_S``."""
+        if self._shared is None or self._poll is not None or not self.waiters:
+            return
+        self._poll = asyncio.get_running_loop().call_later(SHARED_POLL_S, self._on_poll)
+
+    def _on_poll(self) -> None:
+        self._poll = None
+        self._hand_over()
 
     def _busy(self, alias: str, why: str) -> GatewayError:
         retry_after = self.retry_after_s()
@@ -130,8 +192,9 @@ class Gate:
 class BackendGates:
     """The app's ``BackendSlots``: one gate per backend that declares ``max_concurrency``."""
 
-    def __init__(self, config: Callable[[], Config | None]) -> None:
+    def __init__(self, config: Callable[[], Config | None], shared: SlotDirectory | None = None) -> None:
         self._config = config
+        self._shared = shared
         self._gates: dict[str, Gate] = {}
 
     async def acquire(self, target: Target) -> Slot:
@@ -141,7 +204,8 @@ class BackendGates:
             return NO_SLOT
         gate = self._gates.get(target.backend_name)
         if gate is None:
-            gate = self._gates[target.backend_name] = Gate(backend.max_concurrency)
+            slot_file = self._shared.for_backend(target.backend_name) if self._shared is not None else None
+            gate = self._gates[target.backend_name] = Gate(backend.max_concurrency, slot_file)
         elif gate.capacity != backend.max_concurrency:
             gate.resize(backend.max_concurrency)
         max_queue = backend.max_queue if backend.max_queue is not None else DEFAULT_MAX_QUEUE
