@@ -440,18 +440,6 @@ def test_no_slot_leaks_after_clients_leave(idle_standin: StandIn, gateway_factor
     assert sorted(r["body"]["messages"][0]["content"] for r in standin.requests()) == ["again-0", "again-1", "holder-0", "holder-1"]
 
 
-async def both_workers_ready(client: httpx.AsyncClient, url: str) -> None:
-    """Until the second worker listens, every connection goes to the first."""
-    pids: set[int] = set()
-    for _ in range(100):
-        answers = await asyncio.gather(*(client.get(f"{url}/readyz") for _ in range(4)))
-        pids |= {answer.json()["pid"] for answer in answers if answer.status_code == 200}
-        if len(pids) == 2:
-            return
-        await asyncio.sleep(POLL_S)
-    raise AssertionError(f"only workers {pids} answered")
-
-
 def test_two_workers_keep_the_backend_at_its_max_concurrency(idle_standin: StandIn, gateway_factory: GatewayFactory) -> None:
     """`gateway serve --workers 2`, max_concurrency 2: eight streams on eight connections, never more than 2 upstream."""
     standin = idle_standin
@@ -461,9 +449,9 @@ def test_two_workers_keep_the_backend_at_its_max_concurrency(idle_standin: Stand
     async def scenario() -> list[tuple[int, dict[str, str], str]]:
         limits = httpx.Limits(max_connections=8, max_keepalive_connections=0)  # one connection each: both workers get some
         async with httpx.AsyncClient(trust_env=False, timeout=60, limits=limits) as client:
-            await both_workers_ready(client, gateway.url)
             return list(await asyncio.gather(*(run_stream(client, gateway.url, stream_body(f"req-{i}", step)) for i in range(8))))
 
+    gateway.wait_for_workers(2)
     with InFlightSampler(standin) as sampler:
         results = asyncio.run(scenario())
     assert [status for status, _, _ in results] == [200] * 8, results

@@ -405,6 +405,19 @@ def test_two_workers_share_rates_through_redis(
     """With workers = 2 and Redis storage, an alias's rpm holds for the gateway as a whole."""
     config = f'[limits]\nstorage = "{fresh_redis}"\n' + backend_toml(standin) + aliases_toml(shared="rpm = 4")
     gateway = gateway_factory(config, workers=2)
+    gateway.wait_for_workers(2)
+    statuses = []
+    for _ in range(10):
+        with local_client() as fresh:  # a new connection each time, so both workers take requests
+            statuses.append(chat(fresh, gateway.url, CLIENT_KEY, "shared").status_code)
+    assert statuses.count(200) == 4 and statuses.count(429) == 6
+
+
+def test_two_workers_share_rates_kept_in_memory(standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """With workers = 2 and the default storage, an alias's rpm still holds for the gateway as a whole."""
+    config = backend_toml(standin) + aliases_toml(shared="rpm = 4")
+    gateway = gateway_factory(config, workers=2)
+    gateway.wait_for_workers(2)
     statuses = []
     for _ in range(10):
         with local_client() as fresh:  # a new connection each time, so both workers take requests

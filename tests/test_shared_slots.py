@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.shared_slots import SLOTS_DIR_ENV, SlotDirectory, SlotFile
+from gateway.shared_slots import SHARED_DIR_ENV, SlotDirectory, SlotFile
 
 # A second process that takes the slots it is told to, reports them, and holds them until killed.
 HOLDER = textwrap.dedent(
@@ -81,7 +81,7 @@ def test_a_process_must_name_the_slots_it_holds(tmp_path: Path) -> None:
 
 def test_the_directory_comes_from_the_environment_and_names_files_by_digest(tmp_path: Path) -> None:
     assert SlotDirectory.from_environment({}) is None
-    directory = SlotDirectory.from_environment({SLOTS_DIR_ENV: str(tmp_path)})
+    directory = SlotDirectory.from_environment({SHARED_DIR_ENV: str(tmp_path)})
     assert directory is not None
     first = directory.for_backend("spark / gpu:0")
     assert first is not None and directory.for_backend("spark / gpu:0") is first  # one descriptor per file

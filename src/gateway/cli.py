@@ -14,7 +14,7 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.keys import build_keyring, keys_file_path
 from gateway.keys_cli import add_keys_parser
 from gateway.reload import LAST_GOOD_ENV
-from gateway.shared_slots import SLOTS_DIR_ENV
+from gateway.shared_slots import SHARED_DIR_ENV
 
 
 def _config_path(value: str | None) -> Path:
@@ -129,15 +129,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ["GATEWAY_CONFIG"] = str(path)
     # A directory private to this run, removed when it ends, holding:
     # - the last configuration that loaded, for a worker respawned while models.toml is broken;
-    # - with several workers, the slot files through which they share each backend's max_concurrency.
+    # - with several workers, what they share: each backend's max_concurrency slots, and the
+    #   counts of rates kept in memory.
     run_dir = Path(tempfile.mkdtemp(prefix="gateway-run-"))
     os.environ[LAST_GOOD_ENV] = str(run_dir / "last-good")
     (run_dir / "last-good").mkdir()
     if args.workers > 1:
-        os.environ[SLOTS_DIR_ENV] = str(run_dir / "slots")
-        (run_dir / "slots").mkdir()
+        os.environ[SHARED_DIR_ENV] = str(run_dir / "shared")
+        (run_dir / "shared").mkdir()
     else:
-        os.environ.pop(SLOTS_DIR_ENV, None)
+        os.environ.pop(SHARED_DIR_ENV, None)
     raise_open_files_limit()
     server = Granian("gateway.app:create_app", **server_options(args))
     try:

@@ -3,9 +3,11 @@
 The counting is the library's sliding-window counter (two fixed windows, the
 previous one weighted by how much of it still overlaps the last minute): cheap
 for token counts in the thousands, where a moving window would store one entry
-per token. Its storage is ``MemoryStorage`` (each worker process counts alone)
-or ``RedisStorage`` (every worker and machine pointing at one Redis shares one
-budget). Only this module imports ``limits`` and ``redis``.
+per token. Its storage is ``RedisStorage`` (every worker and machine pointing at
+one Redis shares one budget), or, for ``memory``: the file the workers of one
+``gateway serve --workers N`` share (``gateway.shared_windows``, the same counter),
+or the library's ``MemoryStorage`` in a single process. Only this module and
+``shared_windows`` import ``limits``; only this one imports ``redis``.
 
 What the admission needs from a counter, and nothing more:
 - ``window(rate)``: how much of a rate the last minute used (to refuse early and
@@ -18,15 +20,23 @@ The arithmetic of waits and resets is pure and lives in ``Window``.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import urllib.parse
-from typing import Any, Literal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import attrs
 from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
+
+from gateway.shared_slots import SHARED_DIR_ENV
+from gateway.shared_windows import SharedWindows
+
+log = logging.getLogger("gateway.limits")
 
 WINDOW_S = 60
 KEY_PREFIX = "dgx-gateway"
@@ -38,6 +48,14 @@ Unit = Literal["requests", "tokens"]
 
 # What a broken or unreachable storage raises (the admission then lets requests through).
 STORAGE_ERRORS: tuple[type[BaseException], ...] = (StorageError, OSError, TimeoutError)
+
+
+class WindowStorage(Protocol):
+    """The two calls of a ``limits`` storage that the sliding-window counter makes."""
+
+    async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]: ...
+
+    async def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool: ...
 
 
 @attrs.frozen
@@ -111,13 +129,16 @@ def storage_label(url: str) -> str:
 class RateCounter:
     """One storage (memory, or Redis at a URL) and the sliding-window counter over it."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, environ: Mapping[str, str] = os.environ) -> None:
         self.url = url
         self._pool: Any = None
         # The client library's own errors, re-raised as StorageError (empty: catches nothing).
         self._native_errors: tuple[type[Exception], ...] = ()
+        self._storage: WindowStorage
         if url == "memory":
-            self._storage: MemoryStorage | RedisStorage = MemoryStorage()
+            # The workers of one `gateway serve` count in one shared file; a single process in its own memory.
+            shared = _shared_windows(environ)
+            self._storage = shared if shared is not None else MemoryStorage()
         else:
             # Imported only when a Redis URL is configured: it costs each worker ~5 MiB.
             import redis.asyncio
@@ -134,7 +155,6 @@ class RateCounter:
                 key_prefix=KEY_PREFIX,
                 connection_pool=self._pool,  # typed as scalars, documented as passed on
             )
-        self._limiter = SlidingWindowCounterRateLimiter(self._storage)
 
     async def window(self, rate: Rate) -> Window:
         try:
@@ -145,7 +165,10 @@ class RateCounter:
 
     async def take(self, rate: Rate, cost: int) -> bool:
         try:
-            return await self._limiter.hit(rate.item, *rate.identifiers, cost=max(1, min(cost, rate.per_minute)))
+            # What the library's SlidingWindowCounterRateLimiter.hit does, minus its indirection.
+            return await self._storage.acquire_sliding_window_entry(
+                rate.storage_key, rate.per_minute, WINDOW_S, max(1, min(cost, rate.per_minute))
+            )
         except self._native_errors as exc:
             raise StorageError(exc) from exc
 
@@ -159,6 +182,24 @@ class RateCounter:
     async def aclose(self) -> None:
         if self._pool is not None:
             await self._pool.disconnect()
+
+
+# One mapping of the run's table per process, kept for the process's life: a counter
+# that a storage switch retired may still settle a late answer's tokens into it.
+_mapped: dict[str, SharedWindows] = {}
+
+
+def _shared_windows(environ: Mapping[str, str]) -> SharedWindows | None:
+    run_dir = environ.get(SHARED_DIR_ENV)
+    if not run_dir:
+        return None
+    if run_dir not in _mapped:
+        try:
+            _mapped[run_dir] = SharedWindows(Path(run_dir))
+        except OSError as exc:
+            log.warning("rate counts: cannot map the workers' shared table (%s); this worker counts on its own", exc.strerror)
+            return None
+    return _mapped[run_dir]
 
 
 def format_duration(seconds: float) -> str:

@@ -1,7 +1,7 @@
 """A backend's ``max_concurrency`` slots, shared by the worker processes of one ``gateway serve``.
 
 ``gateway serve --workers N`` makes a directory private to the run and names it
-in ``GATEWAY_SLOTS_DIR``. Each gated backend has a file there, and slot ``i`` is
+in ``GATEWAY_SHARED_DIR``. Each gated backend has a file there, and slot ``i`` is
 the lock on byte ``i`` of that file: a worker holds a slot by holding that lock.
 
 Why byte-range locks (``fcntl.lockf``):
@@ -34,7 +34,8 @@ from pathlib import Path
 
 log = logging.getLogger("gateway.concurrency")
 
-SLOTS_DIR_ENV = "GATEWAY_SLOTS_DIR"
+# The run's directory that its workers share: these slot files and the rate table (``shared_windows``).
+SHARED_DIR_ENV = "GATEWAY_SHARED_DIR"
 # What a non-blocking lock attempt raises when another process holds the byte.
 HELD_ELSEWHERE = {errno.EACCES, errno.EAGAIN}
 
@@ -90,7 +91,7 @@ class SlotDirectory:
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> SlotDirectory | None:
         """The directory ``gateway serve`` made for its workers; None for a single process."""
-        value = environ.get(SLOTS_DIR_ENV)
+        value = environ.get(SHARED_DIR_ENV)
         return cls(Path(value)) if value else None
 
     def for_backend(self, name: str) -> SlotFile | None:
