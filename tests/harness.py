@@ -237,20 +237,6 @@ class StandIn:
     def log_tail(self, n: int = 40) -> str:
         return self.process.log_tail(n)
 
-    def wait_for_workers(self, count: int, timeout_s: float = 20.0) -> None:
-        """Until `count` worker processes have answered /readyz: before that, every connection goes to the first."""
-        pids: set[int] = set()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with local_client() as fresh:  # a new connection each time
-                answer = fresh.get(f"{self.url}/readyz")
-            if answer.status_code == 200:
-                pids.add(int(answer.json()["pid"]))
-                if len(pids) >= count:
-                    return
-            time.sleep(0.02)
-        raise AssertionError(f"only workers {sorted(pids)} answered within {timeout_s:g} s")
-
     def stop(self) -> None:
         self._client.close()
         self.process.cleanup()
