@@ -399,30 +399,30 @@ def test_two_gateways_share_one_budget_through_redis(
     assert not any(CLIENT_KEY in k or hash_key(CLIENT_KEY)[7:] in k for k in keys)
 
 
+def statuses_from_two_workers(gateway_factory: GatewayFactory, config: str) -> dict[int, int]:
+    """10 requests for alias `shared` to a gateway of 2 workers, each on a new connection: how many got which status."""
+    gateway = gateway_factory(config, workers=2)
+    gateway.wait_for_workers(2)
+    statuses: dict[int, int] = {}
+    for _ in range(10):
+        with local_client() as fresh:  # a new connection each time, so both workers take requests
+            status = chat(fresh, gateway.url, CLIENT_KEY, "shared").status_code
+        statuses[status] = statuses.get(status, 0) + 1
+    return statuses
+
+
 def test_two_workers_share_rates_through_redis(
     fresh_redis: str, standin: StandIn, gateway_factory: GatewayFactory
 ) -> None:
     """With workers = 2 and Redis storage, an alias's rpm holds for the gateway as a whole."""
     config = f'[limits]\nstorage = "{fresh_redis}"\n' + backend_toml(standin) + aliases_toml(shared="rpm = 4")
-    gateway = gateway_factory(config, workers=2)
-    gateway.wait_for_workers(2)
-    statuses = []
-    for _ in range(10):
-        with local_client() as fresh:  # a new connection each time, so both workers take requests
-            statuses.append(chat(fresh, gateway.url, CLIENT_KEY, "shared").status_code)
-    assert statuses.count(200) == 4 and statuses.count(429) == 6
+    assert statuses_from_two_workers(gateway_factory, config) == {200: 4, 429: 6}
 
 
 def test_two_workers_share_rates_kept_in_memory(standin: StandIn, gateway_factory: GatewayFactory) -> None:
     """With workers = 2 and the default storage, an alias's rpm still holds for the gateway as a whole."""
     config = backend_toml(standin) + aliases_toml(shared="rpm = 4")
-    gateway = gateway_factory(config, workers=2)
-    gateway.wait_for_workers(2)
-    statuses = []
-    for _ in range(10):
-        with local_client() as fresh:  # a new connection each time, so both workers take requests
-            statuses.append(chat(fresh, gateway.url, CLIENT_KEY, "shared").status_code)
-    assert statuses.count(200) == 4 and statuses.count(429) == 6
+    assert statuses_from_two_workers(gateway_factory, config) == {200: 4, 429: 6}
 
 
 def test_unreachable_redis_lets_requests_through_and_says_so(
