@@ -357,10 +357,21 @@ def test_unknown_path_is_404(client: httpx.Client, gateway: GatewayProcess) -> N
 
 
 def test_wrong_method_is_405(client: httpx.Client, gateway: GatewayProcess) -> None:
-    """A method an endpoint does not take is 405 method_not_allowed in the envelope."""
-    assert_envelope(client.get(f"{gateway.url}/v1/chat/completions", headers=auth()), 405, "method_not_allowed")
-    assert_envelope(client.delete(f"{gateway.url}/v1/models", headers=auth()), 405, "method_not_allowed")
-    assert_envelope(client.post(f"{gateway.url}/healthz", headers=auth()), 405, "method_not_allowed")
+    """A method an endpoint does not take is 405 method_not_allowed in the envelope, and Allow names
+    the methods it does take (RFC 9110 requires the header on a 405)."""
+    for method, path, allowed in [
+        ("GET", "/v1/chat/completions", {"POST"}),
+        ("TRACE", "/v1/chat/completions", {"POST"}),
+        ("DELETE", "/v1/models", {"GET"}),
+        ("TRACE", "/v1/models", {"GET"}),
+        ("POST", "/healthz", {"GET"}),
+        ("PUT", "/c1/chat", {"POST"}),
+    ]:
+        response = client.request(method, f"{gateway.url}{path}", headers=auth())
+        assert_envelope(response, 405, "method_not_allowed")
+        named = {m.strip() for m in response.headers.get("allow", "").split(",")}
+        assert allowed <= named and method not in named, (method, path, response.headers.get("allow"))
+        assert method in response.json()["error"]["message"], response.json()
 
 
 def test_invalid_json_is_400(client: httpx.Client, gateway: GatewayProcess) -> None:

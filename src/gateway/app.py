@@ -123,7 +123,12 @@ def _http_exception(request: Request[Any, Any, Any], exc: Exception) -> Response
     if isinstance(exc, NotFoundException):
         return _envelope(GatewayError("not_found", f"No endpoint at {request.url.path}."))
     if isinstance(exc, MethodNotAllowedException):
-        return _envelope(GatewayError("method_not_allowed", f"{request.url.path} does not take {request.method}."))
+        # RFC 9110 wants the methods the endpoint does take in Allow; the router names them.
+        allowed = (exc.headers or {}).get("allow", "")
+        takes = f" It takes {allowed}." if allowed else ""
+        return _envelope(
+            GatewayError("method_not_allowed", f"{request.url.path} does not take {request.method}.{takes}", headers={"Allow": allowed} if allowed else None)
+        )
     if isinstance(exc, ValidationException):
         return _envelope(GatewayError("invalid_request", str(exc.detail)))
     if isinstance(exc, HTTPException) and exc.status_code < 500:

@@ -76,7 +76,7 @@ class CompletionService:
         id_header: Headers = [(b"x-request-id", named.encode("latin-1"))] if named else []
         try:
             if scope.get("method") != "POST":
-                raise GatewayError("method_not_allowed", f"{scope.get('path')} takes POST.")
+                raise GatewayError("method_not_allowed", f"{scope.get('path')} does not take {scope.get('method')}. It takes POST.", headers={"Allow": "POST"})
             snapshot = self.holder.current
             if snapshot is None:
                 raise GatewayError("config_not_loaded", "No valid configuration is loaded; `gateway check` says why.")
