@@ -237,7 +237,8 @@ class Completion:
         }
 
     def full_response(self) -> Json:
-        message: Json = {"role": "assistant", "content": self.reply_text}
+        # As OpenAI answers: refusal and logprobs are required by the contract, null when unused.
+        message: Json = {"role": "assistant", "content": self.reply_text, "refusal": None}
         if wants_images(self.body, self.step):
             message["images"] = image_parts(self.step)
         return {
@@ -245,7 +246,7 @@ class Completion:
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
             "usage": self.usage(max(1, len(self.reply_text) // 4)),
         }
 

@@ -108,7 +108,7 @@ def test_ok_non_stream_shape(standin: StandIn, client: httpx.Client, model: str)
     assert data["id"] and isinstance(data["created"], int)
     choice = data["choices"][0]
     assert choice["index"] == 0 and choice["finish_reason"] == "stop"
-    assert choice["message"] == {"role": "assistant", "content": f"echo: {USER_TEXT[:60]}"}
+    assert choice["message"] == {"role": "assistant", "content": f"echo: {USER_TEXT[:60]}", "refusal": None}
     usage = data["usage"]
     assert usage["prompt_tokens"] == len(USER_TEXT) // 4
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
