@@ -8,6 +8,7 @@ import json
 import sys
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 from conftest import backend_toml
 from gateway.bulk import inspect_in_place
 from gateway.chunks import Chunks
-from gateway.shaping import client_body, fix_image_uri, fix_images
+from gateway.shaping import asks_for_image, client_body, fix_image_uri, fix_images
 from harness import CLIENT_KEY, STANDIN_SCRIPT, GatewayProcess, StandIn, local_client, serving
 
 
@@ -208,7 +209,47 @@ def test_no_member_answering_with_an_image_is_502_no_image_generated(stream: boo
     assert response.headers["x-gateway-attempts"] == "2"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
+def test_an_image_model_asked_for_text_only_answers_text(stream: bool, gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """`modalities: ["text"]` to an image-output alias is a text question: the upstream is asked for
+    text (the client's modalities win over the alias's params) and its answer without an image is served,
+    not taken for a failed image (502 no_image_generated)."""
+    standin.script(upstream_id("painter"), [{"kind": "ok"}])
+    since = len(standin.requests())
+    response = post(client, gateway, draw("painter", modalities=["text"], stream=stream))
+    assert response.status_code == 200, response.text
+    assert response.headers["x-gateway-served-by"] == "painter" and response.headers["x-gateway-attempts"] == "1"
+    sent = [r["body"] for r in standin.requests()[since:] if r["model"] == upstream_id("painter")]
+    assert [body["modalities"] for body in sent] == [["text"]]
+    if stream:
+        deltas = [c["delta"] for e in stream_events(response) for c in e["choices"]]
+        assert "".join(d.get("content") or "" for d in deltas) and not any("images" in d for d in deltas)
+    else:
+        message = response.json()["choices"][0]["message"]
+        assert message["content"] and "images" not in message
+
+
 # ------------------------------------------------------------------ the shaping functions
+
+
+@pytest.mark.parametrize(
+    ("client_modalities", "params", "asks"),
+    [
+        (None, {"modalities": ["image", "text"]}, True),
+        (["text"], {"modalities": ["image", "text"]}, False),
+        (["image"], {}, True),
+        (None, {}, True),  # nothing says text only: an image-output alias owes an image
+        (["text", "audio"], {}, False),
+        ("text", {}, True),  # not a list: the rules refuse it before this; no exemption from it
+    ],
+)
+def test_asks_for_image_follows_the_modalities_sent(client_modalities: Any, params: dict[str, Any], asks: bool) -> None:
+    target: Any = SimpleNamespace(params=params)  # asks_for_image reads a target's params only
+    body: dict[str, Any] = {"model": "painter", "messages": []}
+    if client_modalities is not None:
+        body["modalities"] = client_modalities
+    assert asks_for_image(body, target) is asks
+    assert asks_for_image({**body, "modalities": None}, target) is asks_for_image({"model": "painter"}, target)
 
 
 def test_fix_image_uri_keeps_a_right_uri_and_retypes_a_wrong_one() -> None:

@@ -52,7 +52,7 @@ from gateway.config.model import RoutingConfig
 from gateway.errors import GatewayError, Location
 from gateway.h1 import RequestBody
 from gateway.health import HealthBoard
-from gateway.shaping import KeptBody, message_images, upstream_body
+from gateway.shaping import KeptBody, asks_for_image, message_images, upstream_body
 from gateway.snapshot import CompiledAlias, Target
 from gateway.sse import DONE, SSEDecoder
 from gateway.upstream import UpstreamClient, UpstreamFault, UpstreamStream, retry_after_s
@@ -216,6 +216,9 @@ class Dispatcher:
             if cooling_s > 0:
                 attempts.append(Attempt(target.alias, target.backend_name, "cooling_down", f"skipped for {cooling_s:.1f} s more", 0.0, called=False))
                 continue
+            if target.image_output and not asks_for_image(body, target):
+                # Asked for text only, an image model's answer without an image is what the client wants.
+                target = attrs.evolve(target, image_output=False)
             result = await self._try_target(routing, target, upstream_body(body, target, kept), body, deadline, attempts, attempt)
             if result is not None:
                 result.attempts = attempts

@@ -171,7 +171,7 @@ CATALOG: Mapping[str, ErrorKind] = _kinds(
         502,
         "no_image_generated",
         "api_error",
-        "An image-output alias answered without an image on every target.",
+        "An image-output alias, asked for an image, answered without one on every target.",
         "Rephrase the prompt to ask for an image, or retry.",
     ),
     (504, "upstream_timeout", "api_error", "The upstream did not answer in time.", "Retry later or raise the alias's timeouts."),

@@ -86,6 +86,16 @@ def shape_upstream(body: Mapping[str, Any], target: Target) -> dict[str, Any]:
     return shaped
 
 
+def asks_for_image(body: Mapping[str, Any], target: Target) -> bool:
+    """Whether the request ``target`` gets asks it for an image: unless the ``modalities`` it is
+    sent (the client's, else the alias's ``params``, as ``shape_upstream`` merges them) is a list
+    without "image". A client may ask an image model for text only."""
+    modalities = body.get("modalities")
+    if modalities is None:
+        modalities = target.params.get("modalities")
+    return not isinstance(modalities, list) or "image" in modalities
+
+
 # A body with more strings than this is re-encoded: walking it would cost more than encoding.
 SPLICE_MAX_STRINGS = 64
 _BACKSLASH, _COLON, _COMMA = 0x5C, 0x3A, 0x2C
