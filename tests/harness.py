@@ -369,6 +369,22 @@ def start_gateway(
     raise last_error
 
 
+def shipped_config(standin: StandIn) -> str:
+    """The shipped models.toml with every backend's base_url pointed at the stand-in, and nothing else changed."""
+    text = (REPO_ROOT / "models.toml").read_text(encoding="utf-8")
+    pointed, count = re.subn(r'(?m)^base_url = "[^"]*"', f'base_url = "{standin.base_url}"', text)
+    assert count == text.count("[backends."), "every backend must have its base_url replaced"
+    return pointed
+
+
+@contextlib.contextmanager
+def serving_shipped(standin: StandIn, directory: Path) -> Iterator[GatewayProcess]:
+    """The shipped models.toml served in front of the stand-in, with the test client key."""
+    # The shipped openrouter backend reads its key from OPENROUTER_API_KEY; here it is the stand-in's key.
+    with serving(shipped_config(standin), directory, env={"OPENROUTER_API_KEY": UPSTREAM_KEY}) as running:
+        yield running
+
+
 # --- test images -------------------------------------------------------------------------------
 
 

@@ -27,11 +27,10 @@ from typing import Any
 
 import pytest
 
-from conftest import CLIENT_KEY, UPSTREAM_KEY
-from harness import GatewayProcess, StandIn, local_client, start_gateway, tiny_jpeg
+from conftest import CLIENT_KEY
+from harness import GatewayProcess, StandIn, local_client, serving_shipped, tiny_jpeg
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models.toml"
 SEEDS_DIR = REPO.parent / "shared" / "seeds"
 SEED_HOST = "https://dgx-spark-4236.spass.fun"
 RECIPE_TIMEOUT_S = 60
@@ -153,14 +152,6 @@ PHOTO = tiny_jpeg()
 # ---------------------------------------------------------------- running a recipe
 
 
-def seed_config(standin: StandIn) -> str:
-    """The shipped models.toml with every backend's base_url pointed at the stand-in, and nothing else changed."""
-    text = SHIPPED.read_text(encoding="utf-8")
-    pointed, count = re.subn(r'(?m)^base_url = "[^"]*"', f'base_url = "{standin.base_url}"', text)
-    assert count == text.count("[backends."), "every backend must have its base_url replaced"
-    return pointed
-
-
 @pytest.fixture(scope="module")
 def tools() -> None:
     missing = [tool for tool in ("bash", "curl", "jq", "base64", "sed", "tee", "wc") if shutil.which(tool) is None]
@@ -170,12 +161,7 @@ def tools() -> None:
 
 @pytest.fixture(scope="module")
 def seed_gateway(standin: StandIn, tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    directory = tmp_path_factory.mktemp("seeds")
-    config = directory / "models.toml"
-    config.write_text(seed_config(standin), encoding="utf-8")
-    # The shipped openrouter backend reads its key from OPENROUTER_API_KEY; here it is the stand-in's key.
-    env = {"GATEWAY_API_KEYS": CLIENT_KEY, "OPENROUTER_API_KEY": UPSTREAM_KEY}
-    with start_gateway(config, env=env, log_dir=directory) as running:
+    with serving_shipped(standin, tmp_path_factory.mktemp("seeds")) as running:
         yield running
 
 
