@@ -38,6 +38,8 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 # Bodies above this are not kept in the request log: tests send 20 MB images
 # and only need to know the size arrived intact.
 MAX_LOGGED_BODY_BYTES = 1024 * 1024
+# Nor bodies nested past what the tests' JSON reader follows inside the log's own nesting.
+MAX_LOGGED_NESTING = 200
 # Every wait the stand-in does is capped so a forgotten hang cannot outlive a CI run.
 MAX_SLEEP_S = 600.0
 DEFAULT_MODEL_IDS = ("standin-model",)
@@ -354,6 +356,9 @@ async def stream_reply(request: web.Request, completion: Completion) -> web.Stre
         await writer.send_content(completion, after_chunks)
         await asyncio.sleep(bounded_seconds(step.get("stall_s"), MAX_SLEEP_S))
         await writer.send_content(completion, max(0, content_chunks - after_chunks), start=after_chunks)
+    elif kind == "deep_json":
+        await writer.send_raw(deep_json(completion.chunk({"content": "deep "}), step))
+        await writer.send_content(completion, content_chunks)
     elif kind == "malformed_chunk":
         malformed_at = non_negative_int(step, "at", 1)
         await writer.send_content(completion, min(malformed_at, content_chunks))
@@ -523,17 +528,37 @@ async def answer(request: web.Request, completion: Completion) -> web.StreamResp
         return content_filter_reply()
     if kind == "invalid_json":
         return web.Response(status=200, body=b"not json{", content_type="application/json")
+    if kind == "deep_json" and not streaming:
+        return web.Response(status=200, body=deep_json(completion.full_response(), step), content_type="application/json")
     if streaming:
         return await stream_reply(request, completion)
     return json_response(200, completion.full_response())
 
 
+def deep_json(event: Json, step: Step) -> str:
+    """``event`` with a valid field nested ``depth`` arrays deep: deeper than JSON readers follow by default."""
+    depth = non_negative_int(step, "depth", 5000)
+    return json.dumps(event)[:-1] + ', "x_deep": ' + "[" * depth + "]" * depth + "}"
+
+
 def parse_body(raw: bytes) -> Json | None:
     try:
         parsed = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return parsed if isinstance(parsed, dict) else None
+
+
+def nesting(value: Any) -> int:
+    """How many arrays and objects deep ``value`` goes (walked without recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def log_request(
@@ -545,7 +570,7 @@ def log_request(
             "model": body.get("model") if body else None,
             "path": request.path,
             "headers": {name.lower(): value for name, value in request.headers.items()},
-            "body": body if len(raw) <= MAX_LOGGED_BODY_BYTES else None,
+            "body": body if len(raw) <= MAX_LOGGED_BODY_BYTES and nesting(body) <= MAX_LOGGED_NESTING else None,
             "body_bytes": len(raw),
             "step": step,
         }

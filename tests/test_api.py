@@ -383,6 +383,39 @@ def test_invalid_json_is_400(client: httpx.Client, gateway: GatewayProcess) -> N
     assert_envelope(client.post(url, content=b"", headers=headers), 400, "invalid_json")
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/c1/chat"])
+@pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
+def test_json_nested_too_deeply_is_400_at_every_depth(path: str, stream: bool, client: httpx.Client, gateway: GatewayProcess) -> None:
+    """JSON nests as deep as the reader follows and no deeper: every depth is either served or 400
+    invalid_json saying so, never a 500. Around the limit, a body the gateway could read may be too deep
+    to write again from further down its stack; that is the same 400."""
+    url = f"{gateway.url}{path}"
+    headers = {**auth(), "content-type": "application/json"}
+    prompt = b'"message": "hi"' if path == "/c1/chat" else b'"messages": [{"role": "user", "content": "hi"}]'
+    head = b'{"model": "api-chat", "stream": %s, %s, "x": ' % (b"true" if stream else b"false", prompt)
+    statuses = set()
+    for depth in [*range(880, 1010, 3), 30_000]:
+        response = client.post(url, content=head + b"[" * depth + b"]" * depth + b"}", headers=headers)
+        statuses.add(response.status_code)
+        if response.status_code != 200:
+            error = assert_envelope(response, 400, "invalid_json")
+            assert "too deeply" in error["message"], (depth, error)
+    assert statuses == {200, 400}, statuses
+
+
+def test_a_lone_surrogate_is_named_in_the_error(client: httpx.Client, gateway: GatewayProcess) -> None:
+    """Half an emoji's UTF-16 pair (JavaScript writes one for a string cut inside it) is invalid JSON text
+    for the gateway, and the error says which escape and where, not "truncated"."""
+    url = f"{gateway.url}/v1/chat/completions"
+    headers = {**auth(), "content-type": "application/json"}
+    body = b'{"model": "api-chat", "messages": [{"role": "user", "content": "smile \\\\ud83d \\ud83d\\ude00 \\ud83d"}]}'
+    error = assert_envelope(client.post(url, content=body, headers=headers), 400, "invalid_json")
+    at = body.rindex(b"\\ud83d")
+    assert f"\\ud83d at byte {at} is half of a UTF-16 surrogate pair" in error["message"], error
+    whole = b'{"model": "api-chat", "messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}'
+    assert client.post(url, content=whole, headers=headers).status_code == 200
+
+
 def test_body_over_the_limit_is_413(client: httpx.Client, gateway: GatewayProcess) -> None:
     """A body larger than [server] max_request_bytes is 413 request_too_large; one just under it is judged normally."""
     filler = "x" * MAX_REQUEST_BYTES

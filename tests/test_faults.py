@@ -47,7 +47,7 @@ MODES = ("nonstream", "stream")
 FAULTS = (
     "500-once", "503-always", "429-plain", "429-retry-after", "429-long-retry-after", "reset", "hang",
     "slow-first-byte", "stream-cut", "stream-stall", "malformed", "no-done", "error-event",
-    "context-openai", "context-vllm", "context-llamacpp", "content-filter", "invalid-json", "down-and-back",
+    "context-openai", "context-vllm", "context-llamacpp", "content-filter", "invalid-json", "deep-json", "down-and-back",
 )
 FIRST_BYTE_S, IDLE_S, TOTAL_S = 1.0, 1.0, 3.0
 COOLDOWN_S = 1.5
@@ -348,6 +348,25 @@ def test_invalid_json_answer_is_retried(mode: str, gateway: GatewayProcess, stan
     assert got.status == 200 and got.headers["x-gateway-served-by"] == primary
     assert len(calls(standin, primary)) == 2
     record(report, "200 with a body that is not JSON", mode, got, describe_calls(standin, primary))
+    assert_healthy_afterwards(client, gateway, standin)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_answer_nested_past_any_reader_is_junk_not_a_fault_of_the_gateway(mode: str, gateway: GatewayProcess, standin: StandIn, client: httpx.Client, report: list[list[str]]) -> None:
+    """An answer (or a chunk) nested 5,000 arrays deep is valid JSON that no reader follows: a plain
+    answer is retried like any unreadable body, a stream drops that chunk and goes on; never a 500."""
+    primary = f"p-deep-json-{mode}"
+    script(standin, primary, {"kind": "deep_json", "depth": 5000}, {"kind": "ok"})
+    before = malformed_total(client, gateway, primary)
+    got = chat(client, gateway, primary, mode)
+    assert got.status == 200 and got.headers["x-gateway-served-by"] == primary
+    if mode == "stream":
+        assert len(calls(standin, primary)) == 1 and got.done and not got.error_events
+        assert "x_deep" not in got.text and all(f"stand-in part {i}" in got.content for i in range(1, 6))
+        assert malformed_total(client, gateway, primary) == before + 1
+    else:
+        assert len(calls(standin, primary)) == 2 and "x_deep" not in got.text
+    record(report, "200 nested 5,000 deep", mode, got, describe_calls(standin, primary))
     assert_healthy_afterwards(client, gateway, standin)
 
 

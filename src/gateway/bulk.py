@@ -106,8 +106,8 @@ def decode_leaving_uris(raw: Chunks) -> tuple[dict[str, Any], list[tuple[int, in
     pieces += raw.views(done, len(raw))
     try:
         body = _decode(b"".join(pieces))
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None  # the whole-body decode says what is wrong
     if type(body) is not dict or _put_back(body, raws) != len(raws):
         return None
     return body, spans

@@ -428,7 +428,7 @@ class Dispatcher:
                         break
                     try:
                         event = _decode(data)
-                    except msgspec.DecodeError:
+                    except (msgspec.DecodeError, RecursionError):
                         continue  # one malformed chunk is dropped (the relay counts it), not fatal
                     if isinstance(event, dict) and "error" in event:
                         return error_event_verdict(data)
@@ -486,7 +486,7 @@ def answer_verdict(target: Target, raw: bytes, *, streaming: bool = False) -> Ve
     """Judge a 200 answer's body: a chat completion, an error in disguise, or junk."""
     try:
         answer = _decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         answer = None
     if isinstance(answer, dict) and "error" in answer and not isinstance(answer.get("choices"), list):
         # Some providers answer 200 with an error object: judge it as the status it names.

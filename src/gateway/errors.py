@@ -241,6 +241,11 @@ def json_type_name(value: Any) -> str:
     return "an object"
 
 
+def nested_too_deeply() -> GatewayError:
+    """The client's JSON nests past the depth msgspec follows (Python's recursion limit, less the stack in use)."""
+    return GatewayError("invalid_json", "The body nests arrays or objects too deeply (about 900 levels at most); flatten it.")
+
+
 class GatewayError(Exception):
     """An error the client sees: a catalog code, a message, and where it points.
 

@@ -76,7 +76,7 @@ class StreamRelay:
             raise _Finished
         try:
             event = _decode(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             event = None
         if not isinstance(event, dict):
             log.warning("dropped a malformed chunk from %s: %r", self.served_alias, data[:80])
@@ -97,6 +97,7 @@ class StreamRelay:
                     fix_images(delta["images"])
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
+        # No RecursionError to fear here: msgspec writes a little deeper than it reads, from the same frame.
         return data_event(encode(event))
 
 

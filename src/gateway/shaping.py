@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from gateway.chunks import Chunks, RawString
+from gateway.errors import nested_too_deeply
 from gateway.h1 import RequestBody
 from gateway.images import sniff_base64_image_type
 from gateway.snapshot import Target
@@ -122,11 +123,15 @@ def upstream_body(body: Mapping[str, Any], target: Target, kept: KeptBody | None
     re-encoding of the image (about 1 ms per 4 MB) and no copy of it.
     """
     shaped = shape_upstream(body, target)
-    if kept is not None:
-        spliced = splice_body(kept.raw, body, shaped, kept.strings)
-        if spliced is not None:
-            return spliced
-    return _encode(shaped)
+    try:
+        if kept is not None:
+            spliced = splice_body(kept.raw, body, shaped, kept.strings)
+            if spliced is not None:
+                return spliced
+        return _encode(shaped)
+    except RecursionError:
+        # Written from deeper in the stack than it was read: a body just under the reading limit.
+        raise nested_too_deeply() from None
 
 
 # A kept value at least this long is sent as a view of the raw body; shorter ones are copied

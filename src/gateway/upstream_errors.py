@@ -82,7 +82,7 @@ def read_upstream_error(body: bytes, status: int | None = None) -> UpstreamError
     """The reason, code and kind of an upstream error answer (``status`` is the HTTP status, when there is one)."""
     try:
         data = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         data = None
     reason: str | None = None
     code: str | None = None

@@ -15,6 +15,7 @@ the request id, never a traceback.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,7 @@ from gateway.api.edge import (
 from gateway.bulk import inspect_in_place
 from gateway.chunks import Chunks
 from gateway.dispatch import Attempt, Dispatcher
-from gateway.errors import GatewayError, Location
+from gateway.errors import GatewayError, Location, nested_too_deeply
 from gateway.facts import inspect_request
 from gateway.metrics import Metrics
 from gateway.relay import StreamRelay, relay_stream
@@ -51,6 +52,33 @@ log = logging.getLogger("gateway.completions")
 Translator = Callable[[Any], tuple[Any, Callable[[Location], Location | None]]]
 
 _decode = msgspec.json.Decoder().decode
+
+
+# A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the reverse, after an even run
+# of backslashes (an odd run escapes the backslash itself).
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+)
+
+
+def decode_body(data: bytes | bytearray) -> Any:
+    """The client's JSON, or 400 invalid_json with a reason the client can act on."""
+    try:
+        return _decode(data)
+    except RecursionError:
+        raise nested_too_deeply() from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings raise the latter
+        raise GatewayError("invalid_json", f"The body is not valid JSON: {_json_fault(exc, data)}.") from None
+
+
+def _json_fault(exc: Exception, data: bytes | bytearray) -> str:
+    # msgspec calls a lone surrogate "truncated"; JavaScript's JSON.stringify writes one for a
+    # string cut inside an emoji, so say what it is.
+    lone = _LONE_SURROGATE.search(data)
+    if lone is not None:
+        escape = lone.group(1).decode()
+        return f"{escape} at byte {lone.start(1)} is half of a UTF-16 surrogate pair (text cut inside a character, such as an emoji); send both halves or neither"
+    return str(exc)
 
 
 def request_id(scope: dict[str, Any]) -> str:
@@ -94,10 +122,7 @@ class CompletionService:
             if inspected is not None:
                 body, facts = inspected.body, inspected.facts
             else:
-                try:
-                    body = _decode(raw.tobytes() if isinstance(raw, Chunks) else raw)
-                except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings raise the latter
-                    raise GatewayError("invalid_json", f"The body is not valid JSON: {exc}.") from None
+                body = decode_body(raw.tobytes() if isinstance(raw, Chunks) else raw)
                 if translate is not None:
                     body, relocate = translate(body)
                 facts = inspect_request(body)
@@ -144,7 +169,7 @@ class CompletionService:
         usage = served.answer.get("usage")
         ticket.settle(usage if isinstance(usage, dict) else None)
         self._count(alias.name, served.target, served.attempts, usage)
-        out = client_body(served.answer, served.target.alias)
+        out = client_body(served.answer, served.target.alias)  # read deeper in the stack than this: no RecursionError
         headers = [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts), *ticket.headers, *extra]
         await send_bytes(send, 200, out, headers)
 
