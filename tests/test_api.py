@@ -8,8 +8,11 @@ another auth setup start their own.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ from harness import GatewayProcess, ManagedProcess, StandIn, free_port, gateway_
 
 BACKEND = "apiback"
 MAX_REQUEST_BYTES = 65_536
+BODY_TIMEOUT_S = 0.5
 TINY_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 )
@@ -41,6 +45,7 @@ retries = 0
 
 [server]
 max_request_bytes = {MAX_REQUEST_BYTES}
+body_timeout_s = {BODY_TIMEOUT_S}
 
 [defaults]
 max_images = 4
@@ -414,6 +419,50 @@ def test_a_lone_surrogate_is_named_in_the_error(client: httpx.Client, gateway: G
     assert f"\\ud83d at byte {at} is half of a UTF-16 surrogate pair" in error["message"], error
     whole = b'{"model": "api-chat", "messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}'
     assert client.post(url, content=whole, headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize("sent", [b"", b'{"model": "api-chat"'], ids=["nothing", "a-part"])
+def test_a_body_that_stops_arriving_is_408_and_the_connection_closes(sent: bytes, gateway: GatewayProcess) -> None:
+    """A client that declares 100 bytes and stops sending gets 408 request_timeout after
+    [server] body_timeout_s, and the connection is closed (the rest of its body would be read as a request)."""
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as conn:
+        started = time.monotonic()
+        conn.sendall(head + sent)
+        answer = b""
+        while chunk := conn.recv(65536):  # until the gateway closes
+            answer += chunk
+        waited_s = time.monotonic() - started
+    status_line, _, rest = answer.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status_line == b"HTTP/1.1 408 Request Timeout", answer
+    assert b"connection: close" in headers.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout" and f"after {len(sent)} bytes" in error["message"]
+    assert BODY_TIMEOUT_S <= waited_s < BODY_TIMEOUT_S + 2
+
+
+def test_a_compressed_body_is_415_naming_the_encoding(client: httpx.Client, gateway: GatewayProcess) -> None:
+    """The gateway does not decode Content-Encoding: it says so, instead of calling gzip bad JSON."""
+    body = gzip.compress(json.dumps(chat_body("api-chat")).encode())
+    headers = {**auth(), "content-type": "application/json", "content-encoding": "gzip"}
+    response = client.post(f"{gateway.url}/v1/chat/completions", content=body, headers=headers)
+    error = assert_envelope(response, 415, "unsupported_content_encoding")
+    assert "Content-Encoding: gzip" in error["message"] and response.headers["accept-encoding"] == "identity"
+    identity = {**headers, "content-encoding": "identity"}
+    assert client.post(f"{gateway.url}/v1/chat/completions", content=json.dumps(chat_body("api-chat")), headers=identity).status_code == 200
+
+
+def test_a_byte_order_mark_before_the_json_is_ignored(client: httpx.Client, gateway: GatewayProcess) -> None:
+    """RFC 8259 lets a reader ignore a UTF-8 byte-order mark; some Windows tools send one."""
+    body = b"\xef\xbb\xbf" + json.dumps(chat_body("api-chat")).encode()
+    response = client.post(f"{gateway.url}/v1/chat/completions", content=body, headers={**auth(), "content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    bad = b"\xef\xbb\xbf" + b'{"model": '
+    assert_envelope(client.post(f"{gateway.url}/v1/chat/completions", content=bad, headers=auth()), 400, "invalid_json")
 
 
 def test_body_over_the_limit_is_413(client: httpx.Client, gateway: GatewayProcess) -> None:

@@ -13,13 +13,14 @@ the limit.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.api.edge import CHUNKED_MIN_BYTES, ClientGone, cancelled_on_disconnect, read_body
+from gateway.api.edge import CHUNKED_MIN_BYTES, ClientGone, StalledBodies, cancelled_on_disconnect, read_body
 from gateway.chunks import Chunks
 from gateway.errors import GatewayError
 
@@ -159,6 +160,10 @@ def test_a_broken_receive_counts_as_a_disconnect() -> None:
 # ---------------------------------------------------------------- read_body
 
 
+def read(receive: Any, limit: int, declared: int | None, idle_s: float = 60.0) -> Any:
+    return read_body(receive, limit, declared, StalledBodies(), idle_s)
+
+
 def body_messages(pieces: list[bytes]) -> Any:
     """receive() delivering ``pieces`` as granian does: each but the last with more_body."""
     messages = [{"type": "http.request", "body": piece, "more_body": True} for piece in pieces]
@@ -192,7 +197,7 @@ def test_read_body_returns_exactly_the_bytes_that_arrived(case: tuple[bytes, lis
     From CHUNKED_MIN_BYTES up it is the pieces themselves, not a copy.
     """
     body, pieces, declared = case
-    got = run(read_body(body_messages(pieces), limit=1 << 30, declared=declared))
+    got = run(read(body_messages(pieces), limit=1 << 30, declared=declared))
     if len(body) >= CHUNKED_MIN_BYTES:
         assert type(got) is Chunks
         assert all(kept is piece for kept, piece in zip(got.pieces, [p for p in pieces if p], strict=True))
@@ -207,14 +212,14 @@ def test_read_body_refuses_a_declared_length_over_the_limit_before_reading() -> 
         raise AssertionError("read a body it should have refused")
 
     with pytest.raises(GatewayError) as refused:
-        run(read_body(never, limit=1000, declared=1001))
+        run(read(never, limit=1000, declared=1001))
     assert refused.value.code == "request_too_large"
 
 
 @pytest.mark.parametrize("declared", [None, 10])
 def test_read_body_refuses_a_body_that_grows_over_the_limit(declared: int | None) -> None:
     with pytest.raises(GatewayError) as refused:
-        run(read_body(body_messages([b"x" * 600, b"x" * 600]), limit=1000, declared=declared))
+        run(read(body_messages([b"x" * 600, b"x" * 600]), limit=1000, declared=declared))
     assert refused.value.code == "request_too_large"
 
 
@@ -225,4 +230,55 @@ def test_read_body_of_a_client_that_leaves_is_client_gone() -> None:
         return next(messages)
 
     with pytest.raises(ClientGone):
-        run(read_body(receive, limit=1000, declared=10))
+        run(read(receive, limit=1000, declared=10))
+
+
+def paced(pieces: list[bytes], gaps_s: list[float]) -> Any:
+    """receive() delivering ``pieces`` (the last ends the body), each after its gap; past them, nothing ever."""
+    pending = list(zip(pieces, gaps_s, strict=True))
+
+    async def receive() -> dict[str, Any]:
+        if not pending:
+            await asyncio.sleep(3600)
+        piece, gap_s = pending.pop(0)
+        await asyncio.sleep(gap_s)
+        return {"type": "http.request", "body": piece, "more_body": bool(pending)}
+
+    return receive
+
+
+@pytest.mark.parametrize(
+    ("pieces", "gaps_s"),
+    [([b"{}"], [5.0]), ([b"{", b"}"], [0.0, 5.0]), ([b"{", b" ", b"}"], [0.1, 0.1, 5.0])],
+    ids=["no-first-piece", "stalls-after-one", "stalls-after-two"],
+)
+def test_a_body_that_stops_arriving_is_408_within_the_idle_time(pieces: list[bytes], gaps_s: list[float]) -> None:
+    """The wait for each piece, the first included, is bounded by idle_s (to within the sweep)."""
+    started = time.monotonic()
+    with pytest.raises(GatewayError) as refused:
+        run(read(paced(pieces, gaps_s), limit=1000, declared=100, idle_s=0.3))
+    waited_s = time.monotonic() - started
+    assert refused.value.code == "request_timeout" and refused.value.status == 408
+    assert "nothing for 0.3 s" in refused.value.message
+    assert sum(gaps_s[:-1]) + 0.3 <= waited_s < sum(gaps_s[:-1]) + 0.3 + StalledBodies.SWEEP_S + 0.3
+
+
+def test_a_slow_but_steady_body_is_read_whole() -> None:
+    """idle_s bounds the gap between pieces, not the whole upload."""
+    pieces = [b'{"a": ', b"1", b"2", b"}"]
+    assert run(read(paced(pieces, [0.2] * 4), limit=1000, declared=None, idle_s=0.4)) == b'{"a": 12}'
+
+
+def test_a_read_cancelled_from_outside_stays_cancelled() -> None:
+    """A cancellation that is not the sweep's (the client left) is not turned into a 408."""
+    stalls = StalledBodies()
+
+    async def scenario() -> None:
+        reading = asyncio.ensure_future(read_body(paced([b"{}"], [5.0]), 1000, None, stalls, 60.0))
+        await asyncio.sleep(0.05)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        assert not stalls._deadlines and not stalls._expired
+
+    run(scenario())

@@ -140,6 +140,20 @@ CATALOG: Mapping[str, ErrorKind] = _kinds(
     (405, "method_not_allowed", _REQ, "The endpoint does not take this method.", "Use the method the endpoint takes."),
     (413, "request_too_large", _REQ, "The body is larger than `max_request_bytes`.", "Send a smaller body."),
     (
+        408,
+        "request_timeout",
+        _REQ,
+        "The body stopped arriving: no byte for `body_timeout_s`.",
+        "Check the client's connection and the Content-Length it sends, then retry.",
+    ),
+    (
+        415,
+        "unsupported_content_encoding",
+        _REQ,
+        "The body is compressed (`Content-Encoding`), which the gateway does not take.",
+        "Send the JSON uncompressed.",
+    ),
+    (
         429,
         "rate_limit_exceeded",
         "rate_limit_error",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -26,6 +26,7 @@ from gateway.api.edge import (
     JSON_HEADERS,
     ClientGone,
     Headers,
+    StalledBodies,
     cancelled_on_disconnect,
     declared_length,
     header,
@@ -61,17 +62,32 @@ _LONE_SURROGATE = re.compile(
 )
 
 
-def decode_body(data: bytes | bytearray) -> Any:
-    """The client's JSON, or 400 invalid_json with a reason the client can act on."""
+_BOM = b"\xef\xbb\xbf"
+
+
+def decode_body(data: bytes | bytearray | memoryview, scope: Mapping[str, Any]) -> Any:
+    """The client's JSON, or an error with a reason the client can act on."""
     try:
         return _decode(data)
     except RecursionError:
         raise nested_too_deeply() from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings raise the latter
-        raise GatewayError("invalid_json", f"The body is not valid JSON: {_json_fault(exc, data)}.") from None
+        fault = exc
+    # Looked into only once the body failed: the common case pays nothing.
+    encoding = header(scope, b"content-encoding")
+    if encoding is not None and encoding.strip().lower() != "identity":
+        raise GatewayError(
+            "unsupported_content_encoding",
+            f"The body is sent with Content-Encoding: {encoding[:40]}, which the gateway does not decode; send the JSON uncompressed.",
+            headers={"Accept-Encoding": "identity"},
+        )
+    if bytes(data[:3]) == _BOM:
+        # RFC 8259 lets a reader ignore a byte-order mark; some Windows tools write one.
+        return decode_body(memoryview(data)[3:], scope)
+    raise GatewayError("invalid_json", f"The body is not valid JSON: {_json_fault(fault, data)}.")
 
 
-def _json_fault(exc: Exception, data: bytes | bytearray) -> str:
+def _json_fault(exc: Exception, data: bytes | bytearray | memoryview) -> str:
     # msgspec calls a lone surrogate "truncated"; JavaScript's JSON.stringify writes one for a
     # string cut inside an emoji, so say what it is.
     lone = _LONE_SURROGATE.search(data)
@@ -96,6 +112,7 @@ class CompletionService:
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.admission = admission or AdmitAll()
+        self.stalls = StalledBodies()
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any, translate: Translator | None = None) -> None:
         relocate: Callable[[Location], Location | None] = lambda at: at
@@ -109,7 +126,8 @@ class CompletionService:
             if snapshot is None:
                 raise GatewayError("config_not_loaded", "No valid configuration is loaded; `gateway check` says why.")
             identity = self.holder.keys.authenticate(header(scope, b"authorization"))
-            raw = await read_body(receive, snapshot.config.server.max_request_bytes, declared_length(scope))
+            server = snapshot.config.server
+            raw = await read_body(receive, server.max_request_bytes, declared_length(scope), self.stalls, server.body_timeout_s)
             # A large body comes as Chunks: a chat body is kept to splice `model` into
             # (shaping.upstream_body), and decoded around its images (bulk).
             kept = inspected = None
@@ -122,7 +140,7 @@ class CompletionService:
             if inspected is not None:
                 body, facts = inspected.body, inspected.facts
             else:
-                body = decode_body(raw.tobytes() if isinstance(raw, Chunks) else raw)
+                body = decode_body(raw.tobytes() if isinstance(raw, Chunks) else raw, scope)
                 if translate is not None:
                     body, relocate = translate(body)
                 facts = inspect_request(body)

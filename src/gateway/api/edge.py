@@ -68,8 +68,50 @@ def declared_length(scope: Mapping[str, Any]) -> int | None:
 CHUNKED_MIN_BYTES = 64 * 1024
 
 
-async def read_body(receive: Any, limit: int, declared: int | None = None) -> bytes | Chunks:
-    """The whole body, refused with 413 as soon as it passes ``limit`` bytes.
+class StalledBodies:
+    """Ends the body reads whose next piece is overdue, as 408 ``request_timeout``.
+
+    One timer per worker sweeps every read in progress, instead of a timer per
+    request: a bare ``call_at`` measured 2.5 µs per request and ``asyncio.timeout``
+    6.7 µs, against ~180 µs of CPU for the whole of a small request. A deadline is
+    thus kept to within ``SWEEP_S``.
+    """
+
+    SWEEP_S = 0.25
+
+    def __init__(self) -> None:
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def arm(self, task: asyncio.Task[Any], deadline: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._deadlines[task] = deadline
+        if self._sweep is None:
+            self._sweep = loop.call_later(self.SWEEP_S, self._run, loop)
+
+    def disarm(self, task: asyncio.Task[Any]) -> bool:
+        """Stop watching ``task``; whether its read had run out of time (and was cancelled for it)."""
+        self._deadlines.pop(task, None)
+        if task in self._expired:
+            self._expired.discard(task)
+            return True
+        return False
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweep = None
+        now = loop.time()
+        for task, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                del self._deadlines[task]
+                self._expired.add(task)
+                task.cancel()
+        if self._deadlines:
+            self._sweep = loop.call_later(self.SWEEP_S, self._run, loop)
+
+
+async def read_body(receive: Any, limit: int, declared: int | None, stalls: StalledBodies, idle_s: float) -> bytes | Chunks:
+    """The whole body, refused with 413 as soon as it passes ``limit`` bytes, and
+    with 408 once a piece takes more than ``idle_s`` to come.
 
     A declared length over the limit is refused before a byte is read. A body
     of ``CHUNKED_MIN_BYTES`` or more comes back as ``Chunks``, the pieces as
@@ -80,21 +122,41 @@ async def read_body(receive: Any, limit: int, declared: int | None = None) -> by
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone("the client disconnected while sending the body")
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            # granian hands the app a piece only once its buffer is full or the body ends,
+            # so the first piece is waited for like any other.
+            stalls.arm(task, loop.time() + idle_s, loop)
+            message = await receive()
+            size = _add_piece(message, chunks, size, limit)
+            if not message.get("more_body", False):
+                break
+    except asyncio.CancelledError:
+        if stalls.disarm(task):
+            task.uncancel()
+            raise GatewayError("request_timeout", f"The body stopped arriving: nothing for {idle_s:g} s after {size} bytes.") from None
+        raise
+    finally:
+        stalls.disarm(task)
     if size >= CHUNKED_MIN_BYTES:
         return Chunks(chunks)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _add_piece(message: Mapping[str, Any], chunks: list[bytes], size: int, limit: int) -> int:
+    """Keep one ``http.request`` message's bytes; the body's size so far."""
+    if message["type"] == "http.disconnect":
+        raise ClientGone("the client disconnected while sending the body")
+    chunk = message.get("body", b"")
+    if chunk:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return size
 
 
 class ClientGone(Exception):

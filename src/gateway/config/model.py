@@ -48,6 +48,9 @@ class ServerConfig:
     """``[server]``: settings of the HTTP edge."""
 
     max_request_bytes: int = _positive(64 * 1024 * 1024)
+    # The longest wait for the next piece of a body already begun (nginx's client_body_timeout):
+    # a client that stops mid-upload gets 408 instead of holding its request open for ever.
+    body_timeout_s: float = _positive(60.0)
 
 
 @attrs.frozen(kw_only=True)
