@@ -508,6 +508,14 @@ def test_unknown_alias_is_404_naming_close_aliases(client: httpx.Client, gateway
     assert "api-caht" in error["message"]
 
 
+def test_an_unknown_alias_of_any_length_is_shown_cut(client: httpx.Client, gateway: GatewayProcess) -> None:
+    """A 60,000-character `model` is not echoed whole: the message shows its start and its length."""
+    body = chat_body("api-chat" + "x" * 60_000)
+    error = assert_envelope(post_chat(client, gateway, body), 404, "model_not_found", param="model", pointer="/model", sent=body)
+    assert len(error["message"]) < 400 and "(60,008 characters)" in error["message"], error["message"][:200]
+    assert "'api-chatxxx" in error["message"]
+
+
 def test_image_url_is_refused_with_the_seed_param(client: httpx.Client, gateway: GatewayProcess) -> None:
     """An https image URL is 400 image_url_not_supported at the seed's param and its JSON Pointer."""
     body = {

@@ -101,6 +101,9 @@ class CompiledAlias:
     deadline_s: float
 
 
+SHOWN_NAME_CHARS = 100
+
+
 @attrs.frozen
 class Snapshot:
     config: Config
@@ -113,11 +116,14 @@ class Snapshot:
     def lookup(self, name: str) -> CompiledAlias:
         compiled = self.aliases.get(name)
         if compiled is None:
-            close = difflib.get_close_matches(name, list(self.aliases), n=3, cutoff=0.5)
+            # A name is shown and compared only so far: no alias is this long, and an error
+            # message must not echo megabytes back.
+            close = difflib.get_close_matches(name[:SHOWN_NAME_CHARS], list(self.aliases), n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            shown = name if len(name) <= SHOWN_NAME_CHARS else f"{name[:SHOWN_NAME_CHARS]}… ({len(name):,} characters)"
             raise GatewayError(
                 "model_not_found",
-                f"The model '{name}' does not exist.{hint} GET /v1/models lists every alias.",
+                f"The model '{shown}' does not exist.{hint} GET /v1/models lists every alias.",
                 at=("model",),
             )
         return compiled
