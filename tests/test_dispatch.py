@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from gateway.config import parse_config
 from gateway.dispatch import Dispatcher, Served, StreamStart
@@ -23,6 +25,7 @@ from gateway.facts import inspect_request
 from gateway.health import HealthBoard
 from gateway.relay import StreamRelay, relay_stream
 from gateway.routing import plan_attempts
+from gateway.shaping import client_body
 from gateway.snapshot import Snapshot, Target, build_snapshot
 from gateway.sse import SSEDecoder
 from gateway.upstream import UpstreamClient
@@ -733,3 +736,73 @@ def test_health_probe_window_expires_so_a_lost_probe_cannot_block_forever() -> N
     assert board.admit(key, probe_window_s=1.0, now=now) == 0.0
     assert board.admit(key, probe_window_s=1.0, now=now + 0.5) > 0
     assert board.admit(key, probe_window_s=1.0, now=now + 1.1) == 0.0
+
+
+# ------------------------------------------------------------------ any upstream answer
+
+ANSWER_KEYS = st.sampled_from([
+    "id", "object", "model", "choices", "index", "message", "delta", "role", "content", "images", "image_url", "url",
+    "finish_reason", "usage", "prompt_tokens", "total_tokens", "error", "code", "message", "tool_calls",
+])
+ANSWER_SCALARS = (
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats(allow_nan=False) | st.text(max_size=10)
+    | st.sampled_from(["stop", "assistant", f"data:image/png;base64,{PNG_B64}", "data:image/png;base64,!!", "[DONE]"])
+)
+ANSWER_JSON = st.recursive(ANSWER_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ANSWER_KEYS, inner, max_size=4), max_leaves=16)
+MESSAGES = st.fixed_dictionaries({}, optional={"role": ANSWER_JSON, "content": ANSWER_JSON, "images": ANSWER_JSON | st.lists(
+    st.fixed_dictionaries({"image_url": ANSWER_JSON | st.fixed_dictionaries({"url": ANSWER_JSON})}), max_size=2)})
+CHOICES = st.lists(st.fixed_dictionaries({}, optional={
+    "index": ANSWER_JSON, "message": MESSAGES | ANSWER_JSON, "delta": MESSAGES | ANSWER_JSON, "finish_reason": ANSWER_JSON}), max_size=2)
+# Answers shaped more and more like a chat completion, each field allowed to be anything.
+ANSWERS = ANSWER_JSON | st.fixed_dictionaries({}, optional={
+    "choices": CHOICES | ANSWER_JSON, "usage": ANSWER_JSON, "model": ANSWER_JSON, "error": ANSWER_JSON, "id": ANSWER_JSON})
+EVENTS = st.lists(ANSWERS | st.sampled_from([b"[DONE]", b"data: {not json\n\n", b": keep-alive\n\n", b"data: \n\n", b"\n\n"]), max_size=5)
+ANY_ANSWER_ALIASES = alias("text-a", retries=0) + alias("image-a", retries=0, output=["image", "text"])
+
+
+def _answering(h: Harness, model: str, answer: Any) -> None:
+    async def step(_: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(200, content=json.dumps(answer).encode(), headers={"content-type": "application/json"})
+
+    h.upstream.script(model, step)
+
+
+@settings(deadline=None)
+@given(answer=ANSWERS, name=st.sampled_from(["text-a", "image-a"]))
+def test_any_upstream_answer_is_served_or_ends_in_a_gateway_error(answer: Any, name: str) -> None:
+    """Whatever JSON an upstream answers with 200, the client gets a chat completion naming the
+    alias, or a 5xx GatewayError; never another exception (which the edge would turn into a 500)."""
+    h = Harness(snapshot_of(ANY_ANSWER_ALIASES))
+    _answering(h, name, answer)
+    try:
+        served = run(h.complete(name))
+    except GatewayError as refused:
+        assert refused.status >= 500, refused.message
+        return
+    out = json.loads(client_body(served.answer, served.target.alias))
+    assert type(out) is dict and out["model"] == name and type(out["choices"]) is list
+
+
+@settings(deadline=None)
+@given(events=EVENTS, name=st.sampled_from(["text-a", "image-a"]))
+# `choices` that is a number: once crashed the wait for the first chunk, and the relay after it.
+@example(events=[{"choices": 1.5}], name="text-a")
+@example(events=[{"choices": [{"delta": {"content": "hi"}}]}, {"choices": 2}, b"[DONE]"], name="text-a")
+def test_any_upstream_stream_is_relayed_or_ends_in_a_gateway_error(events: list[Any], name: str) -> None:
+    """Whatever events an upstream streams with 200, the client gets either a GatewayError before
+    the first byte, or SSE whose every event is JSON naming the alias, an error envelope, or [DONE]."""
+    h = Harness(snapshot_of(ANY_ANSWER_ALIASES))
+    pieces = [event if isinstance(event, bytes) else b"data: " + json.dumps(event).encode() + b"\n\n" for event in events]
+    h.upstream.script(name, h.upstream.sse(*((0.0, piece) for piece in pieces)))
+    try:
+        _, out = run(h.stream(name))
+    except GatewayError as refused:
+        assert refused.status >= 500, refused.message
+        return
+    payloads = [event.removeprefix(b"data: ") for event in out.split(b"\n\n") if event]
+    assert payloads, out
+    for payload in payloads[:-1]:
+        event = json.loads(payload)
+        assert type(event) is dict and (event.get("model") == name or set(event) == {"error"}), event
+    last = payloads[-1]
+    assert last == b"[DONE]" or set(json.loads(last)) == {"error"}, out

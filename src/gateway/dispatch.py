@@ -52,7 +52,7 @@ from gateway.config.model import RoutingConfig
 from gateway.errors import GatewayError, Location
 from gateway.h1 import RequestBody
 from gateway.health import HealthBoard
-from gateway.shaping import KeptBody, asks_for_image, message_images, upstream_body
+from gateway.shaping import KeptBody, asks_for_image, choices_of, message_images, upstream_body
 from gateway.snapshot import CompiledAlias, Target
 from gateway.sse import DONE, SSEDecoder
 from gateway.upstream import UpstreamClient, UpstreamFault, UpstreamStream, retry_after_s
@@ -140,7 +140,7 @@ def _is_real_chunk(event: Any) -> bool:
         return False
     if event.get("usage"):
         return True
-    for choice in event.get("choices") or ():
+    for choice in choices_of(event):
         if not isinstance(choice, dict):
             continue
         if choice.get("finish_reason"):
@@ -156,7 +156,7 @@ def _is_real_chunk(event: Any) -> bool:
 def _has_image_delta(event: Any) -> bool:
     if not isinstance(event, dict):
         return False
-    for choice in event.get("choices") or ():
+    for choice in choices_of(event):
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if isinstance(delta, dict) and delta.get("images"):
             return True

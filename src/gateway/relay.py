@@ -27,7 +27,7 @@ import msgspec
 
 from gateway.dispatch import StreamStart
 from gateway.errors import GatewayError
-from gateway.shaping import encode, fix_images
+from gateway.shaping import choices_of, encode, fix_images
 from gateway.sse import DONE, DONE_EVENT, data_event
 from gateway.upstream import UpstreamFault
 from gateway.upstream_errors import read_upstream_error, scrub
@@ -86,7 +86,7 @@ class StreamRelay:
             info = read_upstream_error(data)
             raise GatewayError("upstream_error", f"The model failed mid-answer: {info.reason}. The answer is incomplete.")
         event["model"] = self.served_alias
-        for choice in event.get("choices") or ():
+        for choice in choices_of(event):
             if isinstance(choice, dict):
                 index = choice.get("index", 0)
                 self._choices.add(index if isinstance(index, int) else 0)

@@ -256,16 +256,20 @@ def _after_colon(raw: Chunks, at: int) -> int:
     return at
 
 
+def choices_of(answer: Mapping[str, Any]) -> list[Any]:
+    """An answer's or a stream event's ``choices``; an upstream's anything-but-a-list holds none."""
+    choices = answer.get("choices")
+    return choices if isinstance(choices, list) else []
+
+
 def message_images(answer: Mapping[str, Any]) -> list[Any]:
     """``choices[*].message.images`` of a completion, flattened (empty when none)."""
     found: list[Any] = []
-    choices = answer.get("choices")
-    if isinstance(choices, list):
-        for choice in choices:
-            message = choice.get("message") if isinstance(choice, dict) else None
-            images = message.get("images") if isinstance(message, dict) else None
-            if isinstance(images, list):
-                found.extend(images)
+    for choice in choices_of(answer):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        images = message.get("images") if isinstance(message, dict) else None
+        if isinstance(images, list):
+            found.extend(images)
     return found
 
 
