@@ -806,3 +806,37 @@ def test_any_upstream_stream_is_relayed_or_ends_in_a_gateway_error(events: list[
         assert type(event) is dict and (event.get("model") == name or set(event) == {"error"}), event
     last = payloads[-1]
     assert last == b"[DONE]" or set(json.loads(last)) == {"error"}, out
+
+
+RETRY_AFTERS = st.none() | st.sampled_from(["1", "0", "-5", "nan", "inf", "1e309", "soon", "Wed, 21 Oct 2015 07:28:00 GMT", ""]) | st.text(max_size=12)
+
+
+@settings(deadline=None)
+@given(
+    status=st.integers(200, 599),
+    body=st.binary(max_size=200) | ANSWERS.map(lambda answer: json.dumps(answer).encode()),
+    retry_after=RETRY_AFTERS,
+    retry_after_ms=RETRY_AFTERS,
+    stream=st.booleans(),
+)
+def test_any_upstream_status_headers_and_body_end_served_or_in_a_gateway_error(
+    status: int, body: bytes, retry_after: str | None, retry_after_ms: str | None, stream: bool
+) -> None:
+    """Any status, any body, any Retry-After: served, or a GatewayError with a status the catalog
+    allows (an upstream 4xx about the request is passed on as that 4xx); never another exception."""
+    h = Harness(snapshot_of(ANY_ANSWER_ALIASES, routing="retry_after_max_s = 0.05"))
+    headers = {name: value for name, value in (("retry-after", retry_after), ("retry-after-ms", retry_after_ms)) if value is not None}
+    headers = {name: value for name, value in headers.items() if value.isprintable() and value.isascii()}
+
+    async def step(_: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(status, content=body, headers={"content-type": "application/json", **headers})
+
+    h.upstream.script("text-a", step)
+    try:
+        if stream:
+            run(h.stream("text-a"))
+        else:
+            run(h.complete("text-a"))
+    except GatewayError as refused:
+        assert 400 <= refused.status <= 599, refused.message
+        assert all(value.isascii() for value in refused.headers.values())
