@@ -156,8 +156,17 @@ def test_content_null_is_refused_for_roles_that_require_it(role: str) -> None:
     assert refused_at(body({"role": role})) == ("invalid_request", ("messages", 0))
 
 
-def test_assistant_content_may_be_null_only_with_tool_calls() -> None:
-    """An assistant message may have null content with tool_calls (or function_call), not without."""
+def test_assistant_content_may_be_null_only_with_tool_calls_a_refusal_or_audio() -> None:
+    """An assistant message may have null content with tool_calls (or function_call), or as the
+    refusal or audio answer a client sends back as it got it; not otherwise."""
+    inspect_request(body(USER, {"role": "assistant", "content": None, "refusal": "I can't help with that."}))
+    inspect_request(body(USER, {"role": "assistant", "audio": {"id": "audio_abc"}}))
+    assert refused_at(body(USER, {"role": "assistant", "content": None, "refusal": 3})) == ("invalid_request", ("messages", 1, "refusal"))
+    assert refused_at(body(USER, {"role": "assistant", "audio": "audio_abc"})) == ("invalid_request", ("messages", 1, "audio"))
+    assert refused_at(body(USER, {"role": "assistant", "content": None, "refusal": None, "audio": None})) == (
+        "invalid_request",
+        ("messages", 1, "content"),
+    )
     inspect_request(body(USER, {"role": "assistant", "content": None, "tool_calls": [CALL]}))
     inspect_request(body(USER, {"role": "assistant", "tool_calls": [CALL]}))
     inspect_request(body(USER, {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}))

@@ -97,6 +97,19 @@ def test_chat_completion(client: openai.OpenAI, standin: StandIn) -> None:
     assert upstream_body(standin, marker)["model"] == "sdk-up-vision"
 
 
+def test_a_conversation_sent_back_as_the_sdk_gave_it(client: openai.OpenAI, standin: StandIn) -> None:
+    """A client appends each answer's message as the SDK typed it and asks again; a model's refusal
+    comes back with null content, and must pass as the OpenAI API lets it."""
+    marker = uuid.uuid4().hex
+    first = client.chat.completions.create(model="sdk-text", messages=user(f"hello {marker}"))
+    refused = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    history: list[Any] = [*user(f"hello {marker}"), first.choices[0].message, *user("something else"), refused, *user(f"then this {marker}")]
+    again = client.chat.completions.create(model="sdk-text", messages=history)
+    assert again.choices[0].message.content == f"echo: then this {marker}"
+    sent = [m for m in upstream_body(standin, f"then this {marker}")["messages"] if m["role"] == "assistant"]
+    assert [m.get("content") for m in sent] == [f"echo: hello {marker}", None] and sent[1]["refusal"] == "I can't help with that."
+
+
 def test_chat_with_an_inline_image(client: openai.OpenAI) -> None:
     """An image as a base64 data URI content part is accepted by a vision alias."""
     content = [{"type": "text", "text": "Describe this image"}, {"type": "image_url", "image_url": {"url": JPEG_URI}}]

@@ -238,12 +238,16 @@ class _MessageWalker:
             value = message.get(field)
             if value is not None and type(value) is not str:
                 raise _invalid(at + (field,), f"`{field}` must be a string, got {json_type_name(value)}")
-        may_omit_content = role == "function" or (role == "assistant" and self._calls(at, message))
+        may_omit_content = role == "function" or (role == "assistant" and (self._calls(at, message) or self._answered_otherwise(at, message)))
         content = message.get("content")
         if content is None:
             if may_omit_content:
                 return
-            why = "an assistant message needs `content` unless it has `tool_calls`" if role == "assistant" else f"a {role} message needs `content`"
+            why = (
+                "an assistant message needs `content` unless it has `tool_calls`, `function_call`, `refusal` or `audio`"
+                if role == "assistant"
+                else f"a {role} message needs `content`"
+            )
             raise _invalid(_field_at(message, at, "content"), f"{why}: a string or an array of content parts, {_got(message, 'content')}")
         if type(content) is str:
             self.text_chars += len(content)
@@ -271,6 +275,20 @@ class _MessageWalker:
         if function_call is not None and type(function_call) is not dict:
             raise _invalid(at + ("function_call",), f"`function_call` must be an object, got {json_type_name(function_call)}")
         return bool(calls) or function_call is not None
+
+    def _answered_otherwise(self, at: Location, message: Mapping[str, Any]) -> bool:
+        """Whether an assistant message is a model's refusal or audio answer, which come with null
+        content: clients send them back as they got them (``messages.append(choice.message)``)."""
+        refusal = message.get("refusal")
+        if refusal is not None:
+            if type(refusal) is not str:
+                raise _invalid(at + ("refusal",), f"`refusal` must be a string, got {json_type_name(refusal)}")
+            self.text_chars += len(refusal)
+            return True
+        audio = message.get("audio")
+        if audio is not None and type(audio) is not dict:
+            raise _invalid(at + ("audio",), f"`audio` must be an object (the earlier answer's `id`), got {json_type_name(audio)}")
+        return audio is not None
 
     def part(self, at: Location, part: Any) -> None:
         if type(part) is not dict:
