@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import schemathesis
@@ -71,6 +70,6 @@ def test_every_answer_keeps_the_contract(case: schemathesis.Case, gateway: Gatew
 
 def test_the_contract_is_the_one_the_gateway_serves() -> None:
     """The fuzzed operations are the gateway's: chat completions and the model list."""
-    assert Path(CONTRACT).is_file(), CONTRACT
+    assert CONTRACT.is_file(), CONTRACT
     operations = {f"{op.method.upper()} {op.path}" for op in (result.ok() for result in schema.get_all_operations())}
     assert operations == {"POST /chat/completions", "GET /models"}

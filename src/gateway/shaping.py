@@ -89,11 +89,9 @@ def shape_upstream(body: Mapping[str, Any], target: Target) -> dict[str, Any]:
 
 def asks_for_image(body: Mapping[str, Any], target: Target) -> bool:
     """Whether the request ``target`` gets asks it for an image: unless the ``modalities`` it is
-    sent (the client's, else the alias's ``params``, as ``shape_upstream`` merges them) is a list
-    without "image". A client may ask an image model for text only."""
-    modalities = body.get("modalities")
-    if modalities is None:
-        modalities = target.params.get("modalities")
+    sent (merged as ``shape_upstream`` merges it) is a list without "image". A client may ask an
+    image model for text only."""
+    modalities = _merged(body.get("modalities"), target.params.get("modalities"))
     return not isinstance(modalities, list) or "image" in modalities
 
 
