@@ -228,7 +228,27 @@ class Completion:
 
     @property
     def reply_text(self) -> str:
-        return f"echo: {last_user_text(self.body)[:60]}"
+        content = self.step.get("content")  # a scripted answer, e.g. JSON for a response_format
+        return content if isinstance(content, str) else f"echo: {last_user_text(self.body)[:60]}"
+
+    @property
+    def tool_call(self) -> Json | None:
+        """The call a ``tool_call`` step answers with: the step's ``name`` (else the request's first
+        tool) and ``arguments`` (a JSON text, "{}" if none)."""
+        if self.step.get("kind") != "tool_call":
+            return None
+        name = self.step.get("name")
+        if not isinstance(name, str):
+            tools = self.body.get("tools")
+            first = tools[0] if isinstance(tools, list) and tools and isinstance(tools[0], dict) else {}
+            function = first.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+        arguments = self.step.get("arguments", "{}")
+        return {
+            "id": f"call_{self.completion_id[-12:]}",
+            "type": "function",
+            "function": {"name": name if isinstance(name, str) else "tool", "arguments": str(arguments)},
+        }
 
     def usage(self, completion_tokens: int) -> Json:
         prompt_tokens = prompt_token_estimate(self.body)
@@ -241,6 +261,10 @@ class Completion:
     def full_response(self) -> Json:
         # As OpenAI answers: refusal and logprobs are required by the contract, null when unused.
         message: Json = {"role": "assistant", "content": self.reply_text, "refusal": None}
+        finish_reason = "stop"
+        if self.tool_call is not None:
+            message.update(content=None, tool_calls=[self.tool_call])
+            finish_reason = "tool_calls"
         if wants_images(self.body, self.step):
             message["images"] = image_parts(self.step)
         return {
@@ -248,7 +272,7 @@ class Completion:
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": self.usage(max(1, len(self.reply_text) // 4)),
         }
 
@@ -297,6 +321,27 @@ class SseWriter:
                 await asyncio.sleep(self.interval_s)
             await self.send(completion.chunk({"content": content_piece(index)}))
 
+    async def send_text(self, text: str, count: int) -> None:
+        """A scripted answer's text in ``count`` pieces."""
+        for piece in pieces(text, count):
+            if self.interval_s:
+                await asyncio.sleep(self.interval_s)
+            await self.send(self.completion.chunk({"content": piece}))
+
+    async def send_tool_call(self, call: Json, count: int) -> None:
+        """As OpenAI streams a call: id and name first, then the arguments' text in ``count`` pieces."""
+        head = {"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+        await self.send(self.completion.chunk({"tool_calls": [head]}))
+        for piece in pieces(call["function"]["arguments"], count):
+            if self.interval_s:
+                await asyncio.sleep(self.interval_s)
+            await self.send(self.completion.chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+
+
+def pieces(text: str, count: int) -> list[str]:
+    size = max(1, -(-len(text) // max(1, count)))
+    return [text[start:start + size] for start in range(0, len(text), size)]
+
 
 async def start_event_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
@@ -342,7 +387,8 @@ async def stream_reply(request: web.Request, completion: Completion) -> web.Stre
     after_chunks = non_negative_int(step, "after_chunks", 0)
     response = await start_event_stream(request)
     writer = SseWriter(response, completion, non_negative_int(step, "interval_ms", 0) / 1000)
-    await writer.send(completion.chunk({"role": "assistant", "content": ""}))
+    call = completion.tool_call
+    await writer.send(completion.chunk({"role": "assistant", "content": None if call else ""}))
 
     if kind == "stream_cut":
         await writer.send_content(completion, after_chunks)
@@ -364,12 +410,16 @@ async def stream_reply(request: web.Request, completion: Completion) -> web.Stre
         await writer.send_content(completion, min(malformed_at, content_chunks))
         await writer.send_raw("{not json")
         await writer.send_content(completion, max(0, content_chunks - malformed_at), start=malformed_at)
+    elif call is not None:
+        await writer.send_tool_call(call, content_chunks)
+    elif isinstance(step.get("content"), str):
+        await writer.send_text(completion.reply_text, content_chunks)
     else:
         await writer.send_content(completion, content_chunks)
 
     if wants_images(completion.body, step):
         await writer.send(completion.chunk({"images": image_parts(step)}))
-    await writer.send(completion.chunk({}, finish_reason="stop"))
+    await writer.send(completion.chunk({}, finish_reason="tool_calls" if call else "stop"))
     if wants_usage_chunk(completion.body):
         await writer.send(completion.usage_chunk(content_chunks))
     if kind != "no_done":

@@ -8,13 +8,15 @@ SDK reads out of the gateway's envelope.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import openai
+import pydantic
 import pytest
 
 from conftest import CLIENT_KEY, UPSTREAM_KEY, backend_toml
@@ -108,6 +110,100 @@ def test_a_conversation_sent_back_as_the_sdk_gave_it(client: openai.OpenAI, stan
     assert again.choices[0].message.content == f"echo: then this {marker}"
     sent = [m for m in upstream_body(standin, f"then this {marker}")["messages"] if m["role"] == "assistant"]
     assert [m.get("content") for m in sent] == [f"echo: hello {marker}", None] and sent[1]["refusal"] == "I can't help with that."
+
+
+class GetWeather(pydantic.BaseModel):
+    city: str
+    unit: Literal["celsius", "fahrenheit"]
+
+
+class Answer(pydantic.BaseModel):
+    answer: int
+    sure: bool
+
+
+WEATHER_TOOL = openai.pydantic_function_tool(GetWeather)
+
+
+def test_a_tool_call_and_its_result_round_trip(client: openai.OpenAI, standin: StandIn) -> None:
+    """The agent loop: the model calls a tool, the client appends the SDK's message and the tool's result
+    and asks again; both reach the upstream as sent."""
+    marker = uuid.uuid4().hex
+    arguments = '{"city": "Oslo", "unit": "celsius"}'
+    question = user(f"weather in Oslo? {marker}")
+    first = client.chat.completions.create(
+        model="sdk-text", messages=question, tools=[WEATHER_TOOL],
+        extra_body={"standin_step": {"kind": "tool_call", "arguments": arguments}},
+    )
+    assert first.model == "sdk-text" and first.choices[0].finish_reason == "tool_calls"
+    message = first.choices[0].message
+    assert message.content is None and message.tool_calls is not None
+    (call,) = message.tool_calls
+    assert call.type == "function" and call.function.name == "GetWeather" and call.function.arguments == arguments
+    result = {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 4}'}
+    second = client.chat.completions.create(model="sdk-text", messages=[*question, message, result], tools=[WEATHER_TOOL])
+    assert second.choices[0].message.content == f"echo: weather in Oslo? {marker}"
+    sent = [body for body in (r["body"] for r in standin.requests()) if body and len(body["messages"]) == 3 and marker in json.dumps(body)]
+    assert len(sent) == 1
+    assistant, tool = sent[0]["messages"][1:]
+    assert assistant["tool_calls"] == [{"id": call.id, "type": "function", "function": {"name": "GetWeather", "arguments": arguments}}]
+    assert tool == result
+    assert sent[0]["tools"][0]["function"]["name"] == "GetWeather" and sent[0]["tools"][0]["function"]["strict"] is True
+
+
+def test_a_streamed_tool_call_is_assembled_by_the_sdk(client: openai.OpenAI) -> None:
+    """The SDK's stream helper joins the relayed argument fragments and parses them into the tool's model."""
+    step = {"kind": "tool_call", "arguments": '{"city": "Oslo", "unit": "fahrenheit"}', "chunks": 9}
+    with client.chat.completions.stream(
+        model="sdk-text", messages=user("weather, streamed"), tools=[WEATHER_TOOL], extra_body={"standin_step": step}
+    ) as stream:
+        kinds = {event.type for event in stream}
+        final = stream.get_final_completion()
+    assert "tool_calls.function.arguments.delta" in kinds and "tool_calls.function.arguments.done" in kinds
+    assert final.model == "sdk-text" and final.choices[0].finish_reason == "tool_calls"
+    (call,) = final.choices[0].message.tool_calls or []
+    assert call.function.parsed_arguments == GetWeather(city="Oslo", unit="fahrenheit")
+
+
+def test_structured_output_is_parsed_by_the_sdk(client: openai.OpenAI, standin: StandIn) -> None:
+    """chat.completions.parse sends a strict json_schema response_format, which reaches the upstream as
+    sent, and parses the answer into the client's model."""
+    marker = uuid.uuid4().hex
+    step = {"kind": "ok", "content": '{"answer": 42, "sure": true}'}
+    completion = client.chat.completions.parse(
+        model="sdk-text", messages=user(f"answer {marker}"), response_format=Answer, extra_body={"standin_step": step}
+    )
+    assert completion.choices[0].message.parsed == Answer(answer=42, sure=True)
+    sent = upstream_body(standin, marker)["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["name"] == "Answer" and sent["json_schema"]["strict"] is True
+    assert sent["json_schema"]["schema"]["required"] == ["answer", "sure"]
+
+
+def test_the_sdk_reads_the_request_id(client: openai.OpenAI) -> None:
+    """The SDK exposes x-request-id as `_request_id`: the client's own, echoed, or the gateway's."""
+    echoed = client.chat.completions.create(model="sdk-text", messages=user("id"), extra_headers={"X-Request-Id": "trace-42"})
+    assert echoed._request_id == "trace-42"
+    assert client.chat.completions.create(model="sdk-text", messages=user("id"))._request_id
+
+
+def test_many_concurrent_streams_from_the_async_sdk(gateway: GatewayProcess) -> None:
+    """AsyncOpenAI, 40 streams at once on one client, each paced over 100 ms: each gets its own whole answer."""
+
+    async def one(sdk: openai.AsyncOpenAI, index: int) -> str:
+        stream = await sdk.chat.completions.create(
+            model="sdk-text", messages=user(f"stream {index}"), stream=True,
+            extra_body={"standin_step": {"kind": "ok", "content": f"answer {index}", "chunks": 5, "interval_ms": 20}},
+        )
+        return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+
+    async def many() -> list[str]:
+        http_client = openai.DefaultAsyncHttpx2Client(trust_env=False)
+        async with openai.AsyncOpenAI(
+            base_url=f"{gateway.url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30.0, http_client=http_client
+        ) as sdk:
+            return await asyncio.gather(*(one(sdk, index) for index in range(40)))
+
+    assert asyncio.run(many()) == [f"answer {index}" for index in range(40)]
 
 
 def test_chat_with_an_inline_image(client: openai.OpenAI) -> None:

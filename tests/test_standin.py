@@ -152,6 +152,45 @@ def test_stream_interval_paces_chunks(standin: StandIn, client: httpx.Client, mo
     assert time.monotonic() - started >= 0.2
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_tool_call_step(standin: StandIn, client: httpx.Client, model: str) -> None:
+    """tool_call answers as OpenAI does a function call: null content, the request's first tool by name."""
+    step = {"kind": "tool_call", "arguments": '{"city": "Oslo"}'}
+    data = post_chat(client, standin, chat_body(model, tools=[WEATHER_TOOL], standin_step=step)).json()
+    choice = data["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    named = post_chat(client, standin, chat_body(model, standin_step={"kind": "tool_call", "name": "other"})).json()
+    assert named["choices"][0]["message"]["tool_calls"][0]["function"] == {"name": "other", "arguments": "{}"}
+
+
+def test_tool_call_stream(standin: StandIn, client: httpx.Client, model: str) -> None:
+    """A streamed call: id and name in the first tool delta, then the arguments' text in `chunks` pieces."""
+    arguments = '{"city": "Oslo", "unit": "celsius"}'
+    step = {"kind": "tool_call", "arguments": arguments, "chunks": 4}
+    events = decoded_events(stream_chat(client, standin, chat_body(model, tools=[WEATHER_TOOL], standin_step=step)))
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+    deltas = [e["choices"][0]["delta"]["tool_calls"][0] for e in events if "tool_calls" in e["choices"][0]["delta"]]
+    assert len(deltas) == 1 + 4
+    assert deltas[0]["id"].startswith("call_") and deltas[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert "".join(d["function"]["arguments"] for d in deltas) == arguments
+    assert events[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "tool_calls"}
+
+
+def test_scripted_content(standin: StandIn, client: httpx.Client, model: str) -> None:
+    """A step's `content` is the answer's text; a stream gives it in `chunks` pieces."""
+    step = {"kind": "ok", "content": '{"answer": 42}', "chunks": 3}
+    message = post_chat(client, standin, chat_body(model, standin_step=step)).json()["choices"][0]["message"]
+    assert message["content"] == '{"answer": 42}'
+    events = decoded_events(stream_chat(client, standin, chat_body(model, standin_step=step)))
+    texts = [e["choices"][0]["delta"]["content"] for e in events[1:-1]]
+    assert len(texts) == 3 and "".join(texts) == '{"answer": 42}'
+
+
 # ---------------------------------------------------------------------------- images
 
 
