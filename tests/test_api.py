@@ -357,8 +357,22 @@ def test_auth_can_be_switched_off_explicitly(
 
 def test_unknown_path_is_404(client: httpx.Client, gateway: GatewayProcess) -> None:
     """A path with no endpoint is 404 not_found in the envelope, whatever the method."""
-    assert_envelope(client.get(f"{gateway.url}/v1/nothing-here", headers=auth()), 404, "not_found")
+    error = assert_envelope(client.get(f"{gateway.url}/v1/nothing-here", headers=auth()), 404, "not_found")
+    assert error["message"].startswith("No endpoint at /v1/nothing-here. It serves POST /v1/chat/completions, POST /c1/chat")
     assert_envelope(client.post(f"{gateway.url}/v2/chat/completions", json={}, headers=auth()), 404, "not_found")
+
+
+def test_an_openai_endpoint_the_gateway_does_not_serve_is_named_so(client: httpx.Client, gateway: GatewayProcess) -> None:
+    """A client that tries embeddings or the Responses API here is told the gateway serves chat, and
+    one that tries the images API where images are made instead."""
+    for path in ("/v1/embeddings", "/v1/responses", "/v1/audio/speech"):
+        error = assert_envelope(client.post(f"{gateway.url}{path}", json={"model": "x", "input": "y"}, headers=auth()), 404, "not_found")
+        assert f"No endpoint at {path}. This gateway does not serve that part of the OpenAI API." in error["message"]
+    error = assert_envelope(client.post(f"{gateway.url}/v1/images/generations", json={"prompt": "a cat"}, headers=auth()), 404, "not_found")
+    assert "through POST /v1/chat/completions by an alias whose output has image" in error["message"]
+    long_path = "/v1/" + "x" * 5000
+    error = assert_envelope(client.get(f"{gateway.url}{long_path}", headers=auth()), 404, "not_found")
+    assert len(error["message"]) < 400 and long_path[:200] + "…" in error["message"]
 
 
 def test_wrong_method_is_405(client: httpx.Client, gateway: GatewayProcess) -> None:

@@ -113,6 +113,26 @@ class GatewayApp(Litestar):
         await super().__call__(scope, receive, send)
 
 
+# OpenAI endpoints a client may try on any base URL; the gateway serves chat only, and says so.
+_OTHER_OPENAI_ENDPOINTS = (
+    "/v1/embeddings", "/v1/completions", "/v1/responses", "/v1/images", "/v1/audio", "/v1/moderations",
+    "/v1/files", "/v1/batches", "/v1/assistants", "/v1/threads", "/v1/fine_tuning", "/v1/realtime",
+)
+_SHOWN_PATH_CHARS = 200
+
+
+def endpoint_not_found(path: str) -> GatewayError:
+    shown = path if len(path) <= _SHOWN_PATH_CHARS else path[:_SHOWN_PATH_CHARS] + "…"
+    served = "It serves POST /v1/chat/completions, POST /c1/chat and GET /v1/models; GET /openapi/openapi.json describes every endpoint."
+    if path.startswith("/v1/images"):
+        why = " Images are made through POST /v1/chat/completions by an alias whose output has image (see GET /v1/models)."
+    elif path.startswith(_OTHER_OPENAI_ENDPOINTS):
+        why = " This gateway does not serve that part of the OpenAI API."
+    else:
+        why = ""
+    return GatewayError("not_found", f"No endpoint at {shown}.{why} {served}")
+
+
 def _envelope(error: GatewayError) -> Response[Any]:
     return Response(error.envelope(), status_code=error.status, headers=error.headers)
 
@@ -121,7 +141,7 @@ def _http_exception(request: Request[Any, Any, Any], exc: Exception) -> Response
     if isinstance(exc, GatewayError):
         return _envelope(exc)
     if isinstance(exc, NotFoundException):
-        return _envelope(GatewayError("not_found", f"No endpoint at {request.url.path}."))
+        return _envelope(endpoint_not_found(request.url.path))
     if isinstance(exc, MethodNotAllowedException):
         # RFC 9110 wants the methods the endpoint does take in Allow; the router names them.
         allowed = (exc.headers or {}).get("allow", "")
