@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ from gateway.logs import configure_logging
 from gateway.memory import keep_large_buffers_in_heap
 from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
+from gateway.shared_metrics import MetricsExchange
 from gateway.shared_slots import SlotDirectory
 from gateway.upstream import UpstreamClient
 from gateway.watch import LiveReload
@@ -62,6 +63,8 @@ class GatewayState:
     client: UpstreamClient | None = None
     completions: CompletionService | None = None
     live_reload: LiveReload | None = None
+    # With several workers, every worker's counters for GET /metrics.
+    metrics_exchange: MetricsExchange | None = None
 
 
 def name_request(scope: Any) -> bytes:
@@ -184,8 +187,10 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         state.completions = CompletionService(holder, dispatcher, metrics, admission=admission)
         state.live_reload = LiveReload(holder)
         await state.live_reload.start()
+        state.metrics_exchange = MetricsExchange.from_environment(metrics)
         try:
-            yield
+            async with state.metrics_exchange.publishing() if state.metrics_exchange else nullcontext():
+                yield
         finally:
             # Stop reloading first: a reload must not race the client's shutdown.
             await state.live_reload.stop()

@@ -10,6 +10,7 @@ from litestar import Request, Response, get, route
 from litestar.datastructures import State
 
 from gateway.errors import GatewayError, catalog_rows
+from gateway.metrics import render
 from gateway.rules import CAPABILITIES, LIMIT_KEYS
 from gateway.snapshot import CompiledAlias, Snapshot
 
@@ -143,7 +144,10 @@ def error_catalog() -> dict[str, Any]:
 
 @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
 def metrics(state: State) -> str:
-    return str(_gateway(state).metrics.render())
+    gateway = _gateway(state)
+    if gateway.metrics_exchange is not None:
+        return render(gateway.metrics_exchange.samples())
+    return str(gateway.metrics.render())
 
 
 INFO_HANDLERS = [list_models, get_model, healthz, readyz, status, error_catalog, metrics]
