@@ -4,18 +4,23 @@ with several workers, one set of totals (gateway.shared_metrics)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import CLIENT_KEY, GatewayFactory, backend_toml
 from gateway import shared_metrics
-from gateway.metrics import Metrics, render
+from gateway.api.completions import CompletionService
+from gateway.metrics import HELP, HISTOGRAM_HELP, Metrics, render
 from gateway.shared_metrics import MetricsExchange
-from harness import StandIn, local_client
+from harness import StandIn, local_client, tiny_jpeg
 
 
 def test_a_label_set_is_one_series_in_any_order() -> None:
@@ -35,6 +40,46 @@ def test_label_values_are_escaped() -> None:
     assert 'gateway_config_reloads_total{result="a\\"b\\\\c\\nd"} 1' in metrics.render()
 
 
+def test_a_histogram_counts_each_value_in_its_bucket_and_renders_them_cumulative() -> None:
+    metrics = Metrics()
+    for seconds in (0.004, 0.01, 0.3, 400.0):  # 0.01 is on a bound: it counts in le="0.01"
+        metrics.observe("gateway_request_seconds", seconds, alias="a", stream="false")
+    text = metrics.render()
+    assert "# TYPE gateway_request_seconds histogram" in text
+    bucket = 'gateway_request_seconds_bucket{alias="a",stream="false",le="%s"}'
+    for bound, count in [("0.01", 2), ("0.25", 2), ("0.5", 3), ("300", 3), ("+Inf", 4)]:
+        assert f"{bucket % bound} {count}\n" in text
+    assert 'gateway_request_seconds_count{alias="a",stream="false"} 4\n' in text
+    assert 'gateway_request_seconds_sum{alias="a",stream="false"} 400.314' in text
+
+
+def test_whole_counts_render_in_full() -> None:
+    """A token count in the millions keeps every digit: a rate over it must see each increase."""
+    metrics = Metrics()
+    metrics.inc("gateway_tokens_total", 12_345_678, alias="a", kind="prompt_tokens")
+    metrics.inc("gateway_estimated_cost_usd_total", 0.000123, alias="a")
+    text = metrics.render()
+    assert 'gateway_tokens_total{alias="a",kind="prompt_tokens"} 12345678\n' in text
+    assert 'gateway_estimated_cost_usd_total{alias="a"} 0.000123\n' in text
+
+
+def test_the_exposition_reads_back_with_prometheus_own_parser() -> None:
+    """Every family, counters and histograms, with escaped labels, as Prometheus's client library parses it."""
+    metrics = Metrics()
+    metrics.inc("gateway_requests_total", alias='we"ird\\name', status="200")
+    metrics.inc("gateway_tokens_total", 12_345_678, alias="a", kind="prompt_tokens")
+    for seconds in (0.02, 0.02, 7.0):
+        metrics.observe("gateway_first_byte_seconds", seconds, alias="a")
+    families = {family.name: family for family in text_string_to_metric_families(metrics.render())}
+    assert families["gateway_first_byte_seconds"].type == "histogram"
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert values[("gateway_first_byte_seconds_bucket", (("alias", "a"), ("le", "0.025")))] == 2
+    assert values[("gateway_first_byte_seconds_bucket", (("alias", "a"), ("le", "+Inf")))] == 3
+    assert values[("gateway_first_byte_seconds_count", (("alias", "a"),))] == 3
+    assert values[("gateway_requests_total", (("alias", 'we"ird\\name'), ("status", "200")))] == 1
+    assert values[("gateway_tokens_total", (("alias", "a"), ("kind", "prompt_tokens")))] == 12_345_678
+
+
 # ---------------------------------------------------------------- several workers
 
 
@@ -49,11 +94,16 @@ def test_a_scrape_sums_every_worker(tmp_path: Path) -> None:
     first.inc("gateway_requests_total", alias="a", status="200")
     second.inc("gateway_requests_total", status="200", alias="a")
     second.inc("gateway_tokens_total", 7, alias="a", kind="prompt")
+    first.observe("gateway_request_seconds", 0.2, alias="a", stream="true")
+    second.observe("gateway_request_seconds", 3.0, stream="true", alias="a")
     second_exchange.publish()
     first.inc("gateway_requests_total", alias="a", status="200")  # not yet published: the scrape publishes it
     text = render(first_exchange.samples())
     assert 'gateway_requests_total{alias="a",status="200"} 3' in text
     assert 'gateway_tokens_total{alias="a",kind="prompt"} 7' in text
+    assert 'gateway_request_seconds_bucket{alias="a",stream="true",le="0.25"} 1\n' in text
+    assert 'gateway_request_seconds_bucket{alias="a",stream="true",le="5"} 2\n' in text
+    assert 'gateway_request_seconds_sum{alias="a",stream="true"} 3.2\n' in text
     second.inc("gateway_requests_total", alias="a", status="200")  # not published yet: the other worker's is as of its last
     assert 'gateway_requests_total{alias="a",status="200"} 3' in render(first_exchange.samples())
     assert 'gateway_requests_total{alias="a",status="200"} 4' in render(second_exchange.samples())
@@ -139,3 +189,61 @@ def test_two_workers_answer_one_set_of_totals(standin: StandIn, gateway_factory:
     for _ in range(8):
         with local_client() as fresh:
             assert scraped(fresh, gateway.url, series) == 30.0
+
+
+def test_only_whole_non_negative_token_counts_are_counted_and_priced() -> None:
+    """An upstream's usage is read, not trusted: a count that is negative, a boolean or not a number would
+    make a counter go back or count nothing real."""
+    metrics = Metrics()
+    service = CompletionService(holder=None, dispatcher=None, metrics=metrics)  # type: ignore[arg-type]
+    priced = SimpleNamespace(alias="priced", cost_per_mtok_usd=2.5)
+    for usage in ({"prompt_tokens": 1000, "completion_tokens": 3000}, {"prompt_tokens": -5, "completion_tokens": True}, {"prompt_tokens": "7"}, None):
+        service._count("asked", priced, [], usage)
+    service._count("asked", SimpleNamespace(alias="free", cost_per_mtok_usd=None), [], {"prompt_tokens": 10, "completion_tokens": 0})
+    text = metrics.render()
+    assert 'gateway_tokens_total{alias="priced",kind="prompt_tokens"} 1000\n' in text
+    assert 'gateway_tokens_total{alias="priced",kind="completion_tokens"} 3000\n' in text
+    assert 'gateway_estimated_cost_usd_total{alias="priced"} 0.01\n' in text
+    assert 'gateway_tokens_total{alias="free",kind="prompt_tokens"} 10\n' in text and 'cost_usd_total{alias="free"}' not in text
+    assert 'gateway_requests_total{alias="asked",status="200"} 5\n' in text
+
+
+def parsed_metrics(client: httpx.Client, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    families = text_string_to_metric_families(client.get(f"{url}/metrics").text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+
+
+def test_a_live_gateway_times_and_prices_what_it_serves(standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """Served requests are timed to the end of their answer, streams also to their first event; tokens
+    are priced at the alias's cost_per_mtok_usd. A refused request is counted, not timed."""
+    config = backend_toml(standin, "mback") + '\n[models."m-timed"]\nbackend = "mback"\nmodel = "m-up-timed"\ncost_per_mtok_usd = 4.0\n'
+    gateway = gateway_factory(config)
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    body = {"model": "m-timed", "messages": [{"role": "user", "content": "time me"}]}
+    paced = {"kind": "ok", "chunks": 4, "interval_ms": 100}
+    with local_client(timeout_s=30) as client:
+        for _ in range(3):
+            assert client.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers).status_code == 200
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}, "standin_step": paced}
+        assert client.post(f"{gateway.url}/v1/chat/completions", json=streamed, headers=headers).text.endswith("data: [DONE]\n\n")
+        image = {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(tiny_jpeg()).decode()}}
+        refused = {**body, "messages": [{"role": "user", "content": [image]}]}  # m-timed takes text only
+        assert client.post(f"{gateway.url}/v1/chat/completions", json=refused, headers=headers).status_code == 400
+        values = parsed_metrics(client, gateway.url)
+    plain, stream = (("alias", "m-timed"), ("stream", "false")), (("alias", "m-timed"), ("stream", "true"))
+    assert values[("gateway_request_seconds_count", plain)] == 3
+    assert values[("gateway_request_seconds_count", stream)] == 1
+    assert 0.4 <= values[("gateway_request_seconds_sum", stream)] < 5
+    assert values[("gateway_request_seconds_bucket", (("alias", "m-timed"), ("le", "0.25"), ("stream", "true")))] == 0  # it took 4 × 100 ms
+    first_byte = values[("gateway_first_byte_seconds_sum", (("alias", "m-timed"),))]
+    assert first_byte < values[("gateway_request_seconds_sum", stream)] - 0.3
+    tokens = sum(v for (name, labels), v in values.items() if name == "gateway_tokens_total" and ("alias", "m-timed") in labels)
+    assert tokens > 0
+    assert values[("gateway_estimated_cost_usd_total", (("alias", "m-timed"),))] == pytest.approx(tokens * 4.0 / 1e6)
+    assert values[("gateway_requests_total", (("alias", "m-timed"), ("status", "400")))] == 1
+
+
+def test_the_readme_describes_every_family() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    assert {*HELP, *HISTOGRAM_HELP} == set(re.findall(r"^\| `(gateway_\w+)` \|", section, re.MULTILINE))

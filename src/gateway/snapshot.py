@@ -67,6 +67,7 @@ class Target:
     retries: int
     image_output: bool
     rules: AliasRules
+    cost_per_mtok_usd: float | None = None
     # The own declared keys of every composite this target was reached through: an
     # inner composite that narrows (say input = ["text"]) narrows its members too.
     gates: tuple[AliasRules, ...] = ()
@@ -167,6 +168,7 @@ def _target(name: str, config: Config, rules: Mapping[str, AliasRules], environ:
         retries=int(retries) if retries is not None else BUILTIN_RETRIES,
         image_output="image" in rules[name].output,
         rules=rules[name],
+        cost_per_mtok_usd=spec.cost_per_mtok_usd,
     )
 
 

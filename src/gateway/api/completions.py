@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -115,6 +116,7 @@ class CompletionService:
         self.stalls = StalledBodies()
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any, translate: Translator | None = None) -> None:
+        started = time.monotonic()
         relocate: Callable[[Location], Location | None] = lambda at: at
         alias_name = "-"
         named = scope.get("gateway_request_id")
@@ -154,9 +156,10 @@ class CompletionService:
             ticket = await self.admission.admit(identity, alias, facts)
             async with cancelled_on_disconnect(receive):
                 if facts.stream:
-                    await self._stream(send, alias, targets, body, kept, ticket, id_header)
+                    await self._stream(send, alias, targets, body, kept, ticket, id_header, started)
                 else:
                     await self._complete(send, alias, targets, body, kept, ticket, id_header)
+            self.metrics.observe("gateway_request_seconds", time.monotonic() - started, alias=alias_name, stream="true" if facts.stream else "false")
             return
         except GatewayError as error:
             if error.at is not None:
@@ -191,13 +194,17 @@ class CompletionService:
         headers = [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts), *ticket.headers, *extra]
         await send_bytes(send, 200, out, headers)
 
-    async def _stream(self, send: Any, alias: Any, targets: Any, body: Any, kept: KeptBody | None, ticket: Ticket, extra: Headers) -> None:
+    async def _stream(
+        self, send: Any, alias: Any, targets: Any, body: Any, kept: KeptBody | None, ticket: Ticket, extra: Headers, started: float
+    ) -> None:
         try:
             start = await self.dispatcher.open_stream(alias, targets, body, kept)
         except BaseException:
             ticket.settle(None)
             raise
         served_alias = start.target.alias
+        # The first event is in hand: it leaves with the head, below.
+        self.metrics.observe("gateway_first_byte_seconds", time.monotonic() - started, alias=served_alias)
         options = body.get("stream_options")
         relay = StreamRelay(
             served_alias,
@@ -217,7 +224,11 @@ class CompletionService:
         for attempt in attempts:
             self.metrics.inc("gateway_attempts_total", alias=attempt.alias, backend=attempt.backend, outcome=attempt.outcome)
         if isinstance(usage, dict):
+            tokens = 0
             for kind in ("prompt_tokens", "completion_tokens"):
                 value = usage.get(kind)
-                if isinstance(value, int):
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                     self.metrics.inc("gateway_tokens_total", value, alias=target.alias, kind=kind)
+                    tokens += value
+            if target.cost_per_mtok_usd is not None and tokens:
+                self.metrics.inc("gateway_estimated_cost_usd_total", tokens * target.cost_per_mtok_usd / 1e6, alias=target.alias)
