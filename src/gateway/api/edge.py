@@ -137,7 +137,11 @@ async def read_body(receive: Any, limit: int, declared: int | None, stalls: Stal
     except asyncio.CancelledError:
         if stalls.disarm(task):
             task.uncancel()
-            raise GatewayError("request_timeout", f"The body stopped arriving: nothing for {idle_s:g} s after {size} bytes.") from None
+            # The rest of the body may still come, and would be read as the next request: close.
+            # Said in the head, as RFC 9110 asks; the server closes on its own too, but not always says so.
+            raise GatewayError(
+                "request_timeout", f"The body stopped arriving: nothing for {idle_s:g} s after {size} bytes.", headers={"Connection": "close"}
+            ) from None
         raise
     finally:
         stalls.disarm(task)
