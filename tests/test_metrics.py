@@ -125,10 +125,38 @@ def test_an_unreadable_file_is_skipped_and_said(tmp_path: Path, caplog: pytest.L
     metrics = Metrics()
     metrics.inc("gateway_requests_total", alias="a", status="200")
     exchange = MetricsExchange(tmp_path, metrics)
+    exchange.publish()
     (exchange.directory / "123-junk.json").write_bytes(b"{not counters")
     with caplog.at_level(logging.WARNING, logger="gateway.metrics"):
         assert 'gateway_requests_total{alias="a",status="200"} 1' in render(exchange.samples())
     assert "123-junk.json" in caplog.text
+
+
+def test_a_lost_directory_loses_nothing_of_this_workers_counts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A cleaner that takes the shared folder away: the scrape still answers this worker's counts, and
+    publishing comes back once the folder can be made again."""
+    metrics = Metrics()
+    metrics.inc("gateway_requests_total", 2, alias="a", status="200")
+    exchange = MetricsExchange(tmp_path / "shared", metrics)
+    with caplog.at_level(logging.WARNING, logger="gateway.metrics"):
+        assert 'gateway_requests_total{alias="a",status="200"} 2' in render(exchange.samples())
+    assert "could not publish" in caplog.text and not exchange.path.exists()
+    (tmp_path / "shared").mkdir()
+    assert 'gateway_requests_total{alias="a",status="200"} 2' in render(exchange.samples())
+    assert exchange.path.exists()
+
+
+def test_a_failing_publisher_says_so_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(shared_metrics, "PUBLISH_S", 0.001)
+    exchange = MetricsExchange(tmp_path / "gone", Metrics())
+
+    async def run() -> None:
+        async with exchange.publishing():
+            await asyncio.sleep(0.1)
+
+    with caplog.at_level(logging.WARNING, logger="gateway.metrics"):
+        asyncio.run(run())
+    assert caplog.text.count("could not publish") == 1
 
 
 def test_a_worker_publishes_while_it_runs_and_when_it_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

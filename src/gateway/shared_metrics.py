@@ -40,9 +40,9 @@ class MetricsExchange:
 
     def __init__(self, directory: Path, metrics: Metrics) -> None:
         self.directory = directory / DIR_NAME
-        self.directory.mkdir(exist_ok=True)
         self.path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.json"
         self._metrics = metrics
+        self._failing = False
 
     @classmethod
     def from_environment(cls, metrics: Metrics, environ: Mapping[str, str] = os.environ) -> MetricsExchange | None:
@@ -51,15 +51,26 @@ class MetricsExchange:
         return cls(Path(value), metrics) if value else None
 
     def publish(self) -> None:
+        self._write(self._metrics.samples())
+
+    def _write(self, samples: list[Sample]) -> None:
+        self.directory.mkdir(exist_ok=True)  # again, should a cleaner have taken it
         # Written aside and renamed, so a reader sees the old counts or the new, never half a file.
         staged = self.path.with_suffix(".part")
-        staged.write_bytes(msgspec.json.encode(self._metrics.samples()))
+        staged.write_bytes(msgspec.json.encode(samples))
         os.replace(staged, self.path)
 
     def samples(self) -> Iterator[Sample]:
-        """Every worker's counts, this one's as of now."""
-        self.publish()
+        """Every worker's counts, this one's as of now; this one's alone if the directory is unusable."""
+        own = self._metrics.samples()
+        try:
+            self._write(own)
+        except OSError as exc:
+            log.warning("could not publish this worker's counters: %s", exc)
+        yield from own
         for path in self.directory.glob("*.json"):
+            if path == self.path:
+                continue
             try:
                 published = _decode(path.read_bytes())
             except (OSError, msgspec.DecodeError) as exc:
@@ -73,8 +84,12 @@ class MetricsExchange:
             await asyncio.sleep(PUBLISH_S)
             try:
                 self.publish()
-            except OSError as exc:  # a full disk must not stop the worker, nor this loop
-                log.warning("could not publish this worker's counters: %s", exc)
+            except OSError as exc:  # a full disk must not stop the worker, nor this loop, nor fill the log
+                if not self._failing:
+                    log.warning("could not publish this worker's counters (said once until it works again): %s", exc)
+                self._failing = True
+            else:
+                self._failing = False
 
     @contextlib.asynccontextmanager
     async def publishing(self) -> AsyncIterator[None]:
