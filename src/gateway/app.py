@@ -42,6 +42,7 @@ from gateway.logs import configure_logging
 from gateway.memory import keep_large_buffers_in_heap
 from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
+from gateway.shared_health import SharedHealth
 from gateway.shared_metrics import MetricsExchange
 from gateway.shared_slots import SlotDirectory
 from gateway.upstream import UpstreamClient
@@ -171,7 +172,8 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
     holder = SnapshotHolder(path, metrics)
     if not holder.load():
         holder.load_last_good()
-    state = GatewayState(holder=holder, metrics=metrics, health=HealthBoard())
+    # Workers of one `gateway serve` judge targets together (each on its own in one process).
+    state = GatewayState(holder=holder, metrics=metrics, health=HealthBoard(SharedHealth.from_environment()))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

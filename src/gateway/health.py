@@ -15,12 +15,21 @@ down its whole backend. The board lives for the whole process, across reloads.
    A probe that ends without a verdict (the client left) frees the probe slot, and
    a probe that never reports is forgotten after its window, so a target cannot
    stay skipped forever.
+
+Where the state lives is the board's ``store``: this process's memory, or with
+``gateway serve --workers N`` a table every worker maps (``shared_health``), so
+the workers count one target's failures together, skip it together and send it
+one probe between them. Successes are counted per worker: a success on a
+healthy target then costs no write to the table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
 
 import attrs
 
@@ -30,75 +39,106 @@ TargetKey = tuple[str, str]
 @attrs.define
 class TargetHealth:
     failures: int = 0               # consecutive
-    cooled_until: float = 0.0       # monotonic; 0: not cooled
+    cooled_until: float = 0.0       # monotonic (one clock for every process); 0: not cooled
     probe_until: float = 0.0        # monotonic end of the running probe's window; 0: no probe
     last_error: str | None = None
-    successes: int = 0
     total_failures: int = 0
     cooldowns: int = 0
 
 
-class HealthBoard:
+class HealthStore(Protocol):
+    def peek(self, key: TargetKey) -> TargetHealth | None:
+        """The target's state as last written (its last error may be left out), or None if it has none;
+        read without waiting for writers, to decide whether there is anything to change."""
+
+    def change(self, key: TargetKey) -> contextlib.AbstractContextManager[TargetHealth]:
+        """The target's state to change; written back at the end, no other change in between."""
+
+    def items(self) -> Iterable[tuple[TargetKey, TargetHealth]]: ...
+
+
+class LocalHealth:
+    """The state in this process's memory."""
+
     def __init__(self) -> None:
         self._targets: dict[TargetKey, TargetHealth] = {}
 
-    def _get(self, key: TargetKey) -> TargetHealth:
+    def peek(self, key: TargetKey) -> TargetHealth | None:
+        return self._targets.get(key)
+
+    @contextmanager
+    def change(self, key: TargetKey) -> Iterator[TargetHealth]:
         health = self._targets.get(key)
         if health is None:
             health = self._targets[key] = TargetHealth()
-        return health
+        yield health
+
+    def items(self) -> Iterable[tuple[TargetKey, TargetHealth]]:
+        return list(self._targets.items())
+
+
+class HealthBoard:
+    def __init__(self, store: HealthStore | None = None) -> None:
+        self._store: HealthStore = store or LocalHealth()
+        self._successes: dict[TargetKey, int] = {}
 
     def admit(self, key: TargetKey, probe_window_s: float, now: float | None = None) -> float:
         """0 when the target may be called now, else the seconds it stays skipped.
 
         After a cooldown the caller admitted becomes the probe for ``probe_window_s``.
         """
-        health = self._targets.get(key)
-        if health is None or health.cooled_until == 0.0:
+        seen = self._store.peek(key)
+        if seen is None or seen.cooled_until == 0.0:
             return 0.0
-        now = time.monotonic() if now is None else now
-        if now < health.cooled_until:
-            return health.cooled_until - now
-        if now < health.probe_until:
-            return health.probe_until - now
-        health.probe_until = now + probe_window_s
-        return 0.0
+        with self._store.change(key) as health:
+            if health.cooled_until == 0.0:
+                return 0.0
+            now = time.monotonic() if now is None else now
+            if now < health.cooled_until:
+                return health.cooled_until - now
+            if now < health.probe_until:
+                return health.probe_until - now
+            health.probe_until = now + probe_window_s
+            return 0.0
 
     def cooling_for(self, key: TargetKey, now: float | None = None) -> float:
         """Seconds before the target may be called again (0 when it may), without admitting anyone."""
-        health = self._targets.get(key)
+        health = self._store.peek(key)
         if health is None or health.cooled_until == 0.0:
             return 0.0
         now = time.monotonic() if now is None else now
         return max(health.cooled_until - now, health.probe_until - now, 0.0)
 
     def succeeded(self, key: TargetKey) -> None:
-        health = self._get(key)
-        health.failures = 0
-        health.cooled_until = health.probe_until = 0.0
-        health.successes += 1
+        self._successes[key] = self._successes.get(key, 0) + 1
+        seen = self._store.peek(key)
+        if seen is not None and (seen.failures or seen.cooled_until or seen.probe_until):
+            with self._store.change(key) as health:
+                health.failures = 0
+                health.cooled_until = health.probe_until = 0.0
 
     def failed(self, key: TargetKey, reason: str, *, failures_to_cool: int, cooldown_s: float) -> None:
-        health = self._get(key)
-        health.failures += 1
-        health.total_failures += 1
-        health.last_error = reason
-        health.probe_until = 0.0
-        if health.failures >= failures_to_cool:
-            self._cool(health, cooldown_s)
+        with self._store.change(key) as health:
+            health.failures += 1
+            health.total_failures += 1
+            health.last_error = reason
+            health.probe_until = 0.0
+            if health.failures >= failures_to_cool:
+                self._cool(health, cooldown_s)
 
     def pause(self, key: TargetKey, reason: str, pause_s: float) -> None:
         """The upstream asked not to be called for ``pause_s``: cool it down at once."""
-        health = self._get(key)
-        health.last_error = reason
-        health.probe_until = 0.0
-        self._cool(health, pause_s)
+        with self._store.change(key) as health:
+            health.last_error = reason
+            health.probe_until = 0.0
+            self._cool(health, pause_s)
 
     def released(self, key: TargetKey) -> None:
         """A call ended without a verdict on the target (the client left): free the probe slot."""
-        health = self._targets.get(key)
-        if health is not None:
-            health.probe_until = 0.0
+        seen = self._store.peek(key)
+        if seen is not None and seen.probe_until:
+            with self._store.change(key) as health:
+                health.probe_until = 0.0
 
     @staticmethod
     def _cool(health: TargetHealth, cooldown_s: float) -> None:
@@ -109,7 +149,10 @@ class HealthBoard:
 
     def report(self) -> Iterator[dict[str, object]]:
         now = time.monotonic()
-        for (backend, model), health in sorted(self._targets.items()):
+        states = dict(self._store.items())
+        for key in self._successes.keys() - states.keys():
+            states[key] = TargetHealth()
+        for (backend, model), health in sorted(states.items()):
             if health.cooled_until == 0.0:
                 state = "healthy"
             elif now < health.cooled_until:
@@ -122,7 +165,7 @@ class HealthBoard:
                 "state": state,
                 "cooldown_remaining_s": round(max(0.0, health.cooled_until - now), 3),
                 "consecutive_failures": health.failures,
-                "successes": health.successes,
+                "successes": self._successes.get((backend, model), 0),  # this worker's
                 "failures": health.total_failures,
                 "cooldowns": health.cooldowns,
                 "last_error": health.last_error,
