@@ -129,8 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ["GATEWAY_CONFIG"] = str(path)
     # A directory private to this run, removed when it ends, holding:
     # - the last configuration that loaded, for a worker respawned while models.toml is broken;
-    # - with several workers, what they share: each backend's max_concurrency slots, and the
-    #   counts of rates kept in memory.
+    # - with several workers, what they share: each backend's max_concurrency slots, the
+    #   counts of rates kept in memory, the targets' health, and each worker's metrics.
     run_dir = Path(tempfile.mkdtemp(prefix="gateway-run-"))
     os.environ[LAST_GOOD_ENV] = str(run_dir / "last-good")
     (run_dir / "last-good").mkdir()

@@ -34,7 +34,8 @@ from pathlib import Path
 
 log = logging.getLogger("gateway.concurrency")
 
-# The run's directory that its workers share: these slot files and the rate table (``shared_windows``).
+# The run's directory that its workers share: these slot files, the rate table (``shared_windows``),
+# the health table (``shared_health``) and the workers' counters (``shared_metrics``).
 SHARED_DIR_ENV = "GATEWAY_SHARED_DIR"
 # What a non-blocking lock attempt raises when another process holds the byte.
 HELD_ELSEWHERE = {errno.EACCES, errno.EAGAIN}
