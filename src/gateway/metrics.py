@@ -37,10 +37,7 @@ _BOUND_INDEX = {bound: index for index, bound in enumerate(_BOUNDS)}
 class Metrics:
     def __init__(self) -> None:
         self.counters: dict[str, defaultdict[Labels, float]] = {name: defaultdict(float) for name in HELP}
-        # Per series: each bucket's own count, the +Inf bucket's, then the sum of the values.
-        self.histograms: dict[str, defaultdict[Labels, list[float]]] = {
-            name: defaultdict(lambda: [0.0] * (len(_BOUNDS) + 1)) for name in HISTOGRAM_HELP
-        }
+        self.histograms = _new_histograms()
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         # Labels in the caller's order: sorting them here cost every request; render() merges.
@@ -66,9 +63,7 @@ class Metrics:
 def render(samples: Iterable[Sample]) -> str:
     """The Prometheus text of ``samples``, summed per series: one process's, or every worker's."""
     counters: dict[str, defaultdict[Labels, float]] = {name: defaultdict(float) for name in HELP}
-    histograms: dict[str, defaultdict[Labels, list[float]]] = {
-        name: defaultdict(lambda: [0.0] * (len(_BOUNDS) + 1)) for name in HISTOGRAM_HELP
-    }
+    histograms = _new_histograms()
     for name, labels, value in samples:
         if name in counters:
             counters[name][tuple(sorted(labels))] += value
@@ -96,6 +91,11 @@ def render(samples: Iterable[Sample]) -> str:
             lines.append(f"{name}_sum{_label_text(labels)} {_number(cells[-1])}")
             lines.append(f"{name}_count{_label_text(labels)} {_number(total)}")
     return "\n".join(lines) + "\n"
+
+
+def _new_histograms() -> dict[str, defaultdict[Labels, list[float]]]:
+    # Per series: each bucket's own count, the +Inf bucket's, then the sum of the values.
+    return {name: defaultdict(lambda: [0.0] * (len(_BOUNDS) + 1)) for name in HISTOGRAM_HELP}
 
 
 def _label_text(labels: Labels) -> str:

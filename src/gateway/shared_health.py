@@ -25,7 +25,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
-import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -33,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gateway.health import LocalHealth, TargetHealth, TargetKey
-from gateway.shared_slots import SHARED_DIR_ENV
+from gateway.shared_slots import SHARED_DIR_ENV, map_table
 
 log = logging.getLogger("gateway.health")
 
@@ -62,10 +61,7 @@ class SharedHealth:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / FILE_NAME
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.fstat(self._fd).st_size < TABLE_BYTES:
-            os.ftruncate(self._fd, TABLE_BYTES)
-        self._table = mmap.mmap(self._fd, TABLE_BYTES)
+        self._fd, self._table = map_table(self.path, TABLE_BYTES)
         self._offsets: dict[TargetKey, int] = {}
         self._digests: dict[TargetKey, bytes] = {}
         self._overflow = LocalHealth()

@@ -27,6 +27,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
@@ -37,6 +38,19 @@ log = logging.getLogger("gateway.concurrency")
 # The run's directory that its workers share: these slot files, the rate table (``shared_windows``),
 # the health table (``shared_health``) and the workers' counters (``shared_metrics``).
 SHARED_DIR_ENV = "GATEWAY_SHARED_DIR"
+def map_table(path: Path, size: int) -> tuple[int, mmap.mmap]:
+    """The file at ``path`` in the run's directory, made ``size`` bytes if smaller, opened and mapped."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        # Every worker sizes the file the same way: a second ftruncate to the same size changes nothing.
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        return fd, mmap.mmap(fd, size)
+    except OSError:
+        os.close(fd)
+        raise
+
+
 # What a non-blocking lock attempt raises when another process holds the byte.
 HELD_ELSEWHERE = {errno.EACCES, errno.EAGAIN}
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import math
-import mmap
 import os
 import struct
 import time
@@ -36,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from limits.errors import StorageError
+
+from gateway.shared_slots import map_table
 
 # digest of the key, window number, count in that window, count in the window before it
 ENTRY = struct.Struct("<16sqqq")
@@ -51,11 +52,7 @@ class SharedWindows:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / FILE_NAME
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        # Every worker sizes the file the same way: a second ftruncate to the same size changes nothing.
-        if os.fstat(self._fd).st_size < TABLE_BYTES:
-            os.ftruncate(self._fd, TABLE_BYTES)
-        self._table = mmap.mmap(self._fd, TABLE_BYTES)
+        self._fd, self._table = map_table(self.path, TABLE_BYTES)
 
     async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
         return self.window(key, expiry, time.time())
