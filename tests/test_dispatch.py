@@ -194,13 +194,13 @@ class Harness:
         compiled, targets = self.plan(body)
         start = await self.dispatcher(slots).open_stream(compiled, targets, body)
         relay = StreamRelay(start.target.alias, lambda: None, expect_usage=bool(extra.get("stream_options")))
-        out = b""
+        self.writes: list[bytes] = []  # what the relay handed the client, write by write
         try:
             async for piece in relay_stream(start, relay):
-                out += piece
+                self.writes.append(piece)
         finally:
             await start.aclose()
-        return start, out
+        return start, b"".join(self.writes)
 
 
 def run(coro: Awaitable[Any]) -> Any:
@@ -616,6 +616,34 @@ def test_stream_cut_after_first_byte_ends_with_one_error_event_and_no_done() -> 
     assert b"partial" in events[0]
     assert events[-1].startswith(b'data: {"error":') and b"[DONE]" not in out
     assert sum(1 for e in events if b'"error"' in e) == 1
+
+
+def sse_bytes(*events: Any) -> bytes:
+    """Several events as the bytes of one upstream read."""
+    return b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n" for e in events)
+
+
+def test_events_that_arrive_together_go_to_the_client_in_one_write() -> None:
+    """Events read from the upstream at once are relayed as one write, [DONE] included; later reads get writes of their own."""
+    h = Harness(snapshot_of(alias("a")))
+    h.upstream.script("a", h.upstream.sse((0, sse_bytes(ROLE, chunk("one"), chunk("two"))), (0.05, sse_bytes(chunk("three"), chunk(finish="stop"), b"[DONE]"))))
+    _, out = run(h.stream("a"))
+    assert len(h.writes) == 2, h.writes
+    assert [w.count(b"data: ") for w in h.writes] == [3, 3]
+    assert b"one" in h.writes[0] and b"two" in h.writes[0] and b"three" in h.writes[1]
+    assert out.endswith(b"data: [DONE]\n\n") and out.count(b"[DONE]") == 1
+
+
+def test_events_before_an_error_event_in_the_same_read_still_go_out_first() -> None:
+    """An upstream error event in the middle of a read: the events before it are sent, then one error event; nothing after it."""
+    h = Harness(snapshot_of(alias("a")))
+    failing = sse_bytes(chunk("two"), {"error": {"message": "overloaded", "code": 503}}, chunk("three"), b"[DONE]")
+    h.upstream.script("a", h.upstream.sse((0, chunk("one")), (0.05, failing)))
+    _, out = run(h.stream("a"))
+    events = [e for e in out.split(b"\n\n") if e]
+    assert [b"one" in events[0], b"two" in events[1]] == [True, True]
+    assert len(events) == 3 and events[2].startswith(b'data: {"error":') and b"overloaded" in events[2]
+    assert b"three" not in out and b"[DONE]" not in out
 
 
 def test_stream_idle_gap_ends_with_timeout_error_event() -> None:

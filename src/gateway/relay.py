@@ -5,6 +5,7 @@ How it works:
    the rest of the upstream stream as it arrives. Each ``data:`` event is
    decoded once, gets the serving alias as its ``model`` and sniffed image
    types, and is re-encoded; comments and keep-alives are not forwarded.
+   Events read from the upstream at once go to the client in one write.
 2. A malformed chunk is dropped, logged and counted; the stream goes on.
 3. After the first byte has gone to the client a fault cannot fall back: a cut,
    an idle gap, the total running out, or an upstream error event ends the
@@ -40,10 +41,6 @@ TAIL_GRACE_S = 1.0
 _decode = msgspec.json.Decoder().decode
 
 
-class _Finished(Exception):
-    pass
-
-
 def error_event(error: GatewayError) -> bytes:
     return data_event(encode(error.envelope()))
 
@@ -55,6 +52,7 @@ class StreamRelay:
         self.served_alias = served_alias
         self.usage: dict[str, Any] | None = None
         self.expect_usage = expect_usage
+        self.done = False  # the upstream said [DONE]
         self._choices: set[int] = set()
         self._finished_choices: set[int] = set()
         self._on_malformed = on_malformed
@@ -69,11 +67,31 @@ class StreamRelay:
         """Nothing more is needed from the upstream: finished, with usage when it was asked for."""
         return self.saw_finish and (self.usage is not None or not self.expect_usage)
 
+    def render_all(self, events: list[bytes | None]) -> tuple[bytes, GatewayError | None]:
+        """The client's bytes for events that arrived together, up to [DONE]; and an upstream error among them.
+
+        One write for the lot, as each write to the client is a hand-off to the
+        server's I/O thread. What was rendered before an error event is
+        returned with it, so it still goes out first.
+        """
+        out: list[bytes] = []
+        try:
+            for data in events:
+                rendered = self.render(data)
+                if rendered is not None:
+                    out.append(rendered)
+                if self.done:
+                    break
+        except GatewayError as error:
+            return b"".join(out), error
+        return b"".join(out), None
+
     def render(self, data: bytes | None) -> bytes | None:
         if data is None:
             return None  # a comment or keep-alive: nothing for the client
         if data.strip() == DONE:
-            raise _Finished
+            self.done = True
+            return DONE_EVENT
         try:
             event = _decode(data)
         except (msgspec.DecodeError, RecursionError):
@@ -106,12 +124,17 @@ async def relay_stream(start: StreamStart, relay: StreamRelay) -> AsyncGenerator
     stream, decoder = start.stream, start.decoder
     secrets = start.target.secrets
     try:
-        for data in start.held:
-            out = relay.render(data)
-            if out is not None:
-                yield out
+        rendered, upstream_error = relay.render_all(start.held)
         ended = start.finished
-        while not ended:
+        while True:
+            if rendered:
+                yield rendered
+            if upstream_error is not None:
+                raise upstream_error
+            if relay.done:
+                return
+            if ended:
+                break
             try:
                 chunk = await stream.next_chunk(TAIL_GRACE_S if relay.complete else None)
             except UpstreamFault:
@@ -119,13 +142,7 @@ async def relay_stream(start: StreamStart, relay: StreamRelay) -> AsyncGenerator
                     break  # the answer is whole; only its end (or usage) went missing
                 raise
             ended = chunk is None
-            for data in decoder.feed(chunk) if chunk is not None else decoder.finish():
-                out = relay.render(data)
-                if out is not None:
-                    yield out
-    except _Finished:
-        yield DONE_EVENT
-        return
+            rendered, upstream_error = relay.render_all(decoder.feed(chunk) if chunk is not None else decoder.finish())
     except UpstreamFault as fault:
         code = "upstream_timeout" if fault.kind in ("idle_timeout", "timeout") else "upstream_error"
         log.warning("stream from %s broke off after the first byte: %s", relay.served_alias, fault)
