@@ -8,6 +8,7 @@ down fast, with timeouts of a few hundred milliseconds.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -834,6 +835,28 @@ def test_any_upstream_stream_is_relayed_or_ends_in_a_gateway_error(events: list[
         assert type(event) is dict and (event.get("model") == name or set(event) == {"error"}), event
     last = payloads[-1]
     assert last == b"[DONE]" or set(json.loads(last)) == {"error"}, out
+
+
+def _relayed(events: list[Any], name: str, cuts: list[int] | None) -> bytes | str:
+    """What the client gets for these events (or the refusal's code), the upstream's bytes cut into reads at ``cuts``."""
+    h = Harness(snapshot_of(ANY_ANSWER_ALIASES))
+    whole = b"".join(event if isinstance(event, bytes) else b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+    edges = [0, *sorted({cut % (len(whole) + 1) for cut in cuts}), len(whole)] if cuts is not None else [0, len(whole)]
+    reads = [whole[a:b] for a, b in itertools.pairwise(edges) if b > a]
+    h.upstream.script(name, h.upstream.sse(*((0.0, read) for read in reads)))
+    try:
+        out: bytes = run(h.stream(name))[1]
+    except GatewayError as refused:
+        return str(refused.code)
+    return out
+
+
+@settings(deadline=None)
+@given(events=EVENTS, cuts=st.lists(st.integers(0, 4096), max_size=8), name=st.sampled_from(["text-a", "image-a"]))
+def test_what_the_client_gets_does_not_depend_on_how_the_upstream_cut_its_stream(events: list[Any], cuts: list[int], name: str) -> None:
+    """The same events answer the same, whether they come in one read or cut anywhere into many:
+    the relay's one write per read changes how the bytes are grouped, never the bytes."""
+    assert _relayed(events, name, cuts) == _relayed(events, name, None)
 
 
 RETRY_AFTERS = st.none() | st.sampled_from(["1", "0", "-5", "nan", "inf", "1e309", "soon", "Wed, 21 Oct 2015 07:28:00 GMT", ""]) | st.text(max_size=12)
