@@ -25,10 +25,9 @@ healthy target then costs no write to the table.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 import attrs
@@ -51,7 +50,7 @@ class HealthStore(Protocol):
         """The target's state as last written (its last error may be left out), or None if it has none;
         read without waiting for writers, to decide whether there is anything to change."""
 
-    def change(self, key: TargetKey) -> contextlib.AbstractContextManager[TargetHealth]:
+    def change(self, key: TargetKey) -> AbstractContextManager[TargetHealth]:
         """The target's state to change; written back at the end, no other change in between."""
 
     def items(self) -> Iterable[tuple[TargetKey, TargetHealth]]: ...

@@ -146,7 +146,8 @@ class SharedHealth:
         return (backend, model), TargetHealth(failures, cooled, probe, last_error, total, cooldowns)
 
     def _write(self, offset: int, key: TargetKey, health: TargetHealth) -> None:
+        # Only ever after ``_find`` placed the key, which kept its digest.
         ENTRY.pack_into(
-            self._table, offset, _digest(key), health.failures, health.cooled_until, health.probe_until,
+            self._table, offset, self._digests[key], health.failures, health.cooled_until, health.probe_until,
             health.total_failures, health.cooldowns, _text(_SEPARATOR.join(key), 128), _text(health.last_error or "", 256),
         )

@@ -38,6 +38,10 @@ log = logging.getLogger("gateway.concurrency")
 # The run's directory that its workers share: these slot files, the rate table (``shared_windows``),
 # the health table (``shared_health``) and the workers' counters (``shared_metrics``).
 SHARED_DIR_ENV = "GATEWAY_SHARED_DIR"
+# What a non-blocking lock attempt raises when another process holds the byte.
+HELD_ELSEWHERE = {errno.EACCES, errno.EAGAIN}
+
+
 def map_table(path: Path, size: int) -> tuple[int, mmap.mmap]:
     """The file at ``path`` in the run's directory, made ``size`` bytes if smaller, opened and mapped."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -49,10 +53,6 @@ def map_table(path: Path, size: int) -> tuple[int, mmap.mmap]:
     except OSError:
         os.close(fd)
         raise
-
-
-# What a non-blocking lock attempt raises when another process holds the byte.
-HELD_ELSEWHERE = {errno.EACCES, errno.EAGAIN}
 
 
 class SlotFile:

@@ -145,9 +145,8 @@ def error_catalog() -> dict[str, Any]:
 @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
 def metrics(state: State) -> str:
     gateway = _gateway(state)
-    if gateway.metrics_exchange is not None:
-        return render(gateway.metrics_exchange.samples())
-    return str(gateway.metrics.render())
+    exchange = gateway.metrics_exchange
+    return render(exchange.samples() if exchange is not None else gateway.metrics.samples())
 
 
 INFO_HANDLERS = [list_models, get_model, healthz, readyz, status, error_catalog, metrics]
