@@ -8,6 +8,7 @@ from typing import Any
 
 from litestar import Request, Response, get, route
 from litestar.datastructures import State
+from litestar.params import FromPath
 
 from gateway.errors import GatewayError, catalog_rows
 from gateway.metrics import render
@@ -61,7 +62,7 @@ def list_models(request: Request[Any, Any, State], state: State) -> dict[str, An
 
 
 @get("/v1/models/{alias:path}", sync_to_thread=False)
-def get_model(request: Request[Any, Any, State], state: State, alias: str) -> dict[str, Any]:
+def get_model(request: Request[Any, Any, State], state: State, alias: FromPath[str]) -> dict[str, Any]:
     snapshot = _serving(state)
     identity = _gateway(state).holder.keys.authenticate(request.headers.get("authorization"))
     name = alias.lstrip("/")
