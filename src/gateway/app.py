@@ -39,7 +39,7 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthBoard
 from gateway.logs import configure_logging
-from gateway.memory import keep_large_buffers_in_heap
+from gateway.memory import freeze_long_lived_heap, keep_large_buffers_in_heap
 from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
 from gateway.shared_health import SharedHealth
@@ -190,6 +190,8 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         state.live_reload = LiveReload(holder)
         await state.live_reload.start()
         state.metrics_exchange = MetricsExchange.from_environment(metrics)
+        # Last: what is alive now lives as long as the worker.
+        log.debug("froze %d long-lived objects out of garbage collection", freeze_long_lived_heap())
         try:
             async with state.metrics_exchange.publishing() if state.metrics_exchange else nullcontext():
                 yield
