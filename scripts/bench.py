@@ -879,6 +879,7 @@ def figures(results: dict[str, dict[str, LoadResult]], shape: Shape, big_body_by
         cpu_us = g64.gateway["cpu_us_per_request"]
         rows += [
             Figure(f"small, c={c64}: req/s", d64.rate, g64.rate, "ratio", 0),
+            Figure(f"small, c={c64}: p99 latency (ms)", d64.p99, g64.p99, "added"),
             Figure(f"small, c={c64}: gateway CPU per request (µs)", math.nan, cpu_us, "gateway", 0),
         ]
     if "streams" in results:

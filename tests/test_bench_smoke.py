@@ -19,6 +19,7 @@ NUMBER = r"-?[\d,]+(?:\.\d+)?"
 FIGURE_ROWS = [
     (r"small, c=1: p50 latency \(ms\)", True),
     (r"small, c=64: req/s", True),
+    (r"small, c=64: p99 latency \(ms\)", True),
     (r"small, c=64: gateway CPU per request \(µs\)", False),
     (r"16 streams \([^|]*\): TTFB p50 \(ms\)", True),
     (r"16 streams \([^|]*\): total p50 \(ms\)", True),
