@@ -5,19 +5,27 @@ Freezing is process-wide, so each test thaws the heap again when it ends.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import gc
+import json
 import shutil
+import types
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
+from conftest import backend_toml
 from gateway.app import create_app
+from gateway.chunks import Chunks
 from gateway.memory import freeze_long_lived_heap
 from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
+from harness import CLIENT_KEY, UPSTREAM_KEY, StandIn, free_port
 
 PROJECT_CONFIG = Path(__file__).parent.parent / "models.toml"
 
@@ -80,3 +88,108 @@ def test_a_started_app_has_frozen_its_heap(tmp_path: Path, monkeypatch: pytest.M
         assert client.get("/healthz").status_code == 200
         assert gc.get_freeze_count() > 0
         assert not collected(app)
+
+
+# --- what a request leaves behind -----------------------------------------------------
+
+SOURCE = str(Path(create_app.__code__.co_filename).parent)
+# A PNG big enough to take the large-body path (gateway.chunks), small enough to be quick.
+BIG_PNG = b"\x89PNG\r\n\x1a\n" + bytes(300_000)
+
+
+def cyclic_garbage() -> list[Any]:
+    """What only the cyclic collector could free now: the gateway's frames and request bodies in it."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found = [
+            thing for thing in gc.garbage
+            if (isinstance(thing, types.FrameType) and thing.f_code.co_filename.startswith(SOURCE)) or isinstance(thing, Chunks)
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    return found
+
+
+def described(found: list[Any]) -> list[str]:
+    return sorted(f"frame {thing.f_code.co_name}" if isinstance(thing, types.FrameType) else type(thing).__name__ for thing in found)
+
+
+def receiving_futures(app: Any) -> Any:
+    """``app`` under a server whose ``receive()`` returns a future, as granian's does (the test client's is a coroutine)."""
+
+    async def served(scope: Any, receive: Any, send: Any) -> None:
+        await app(scope, lambda: asyncio.ensure_future(receive()), send)
+
+    return served
+
+
+@pytest.fixture(params=["coroutine", "future"], ids=["receive gives coroutines", "receive gives futures"])
+def leak_client(request: pytest.FixtureRequest, standin: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient[Any]]:
+    dead_port = free_port()
+    (tmp_path / "models.toml").write_text(
+        backend_toml(standin, first_byte_timeout_s=0.2, idle_timeout_s=0.2)
+        + f'[backends.gone]\nbase_url = "http://127.0.0.1:{dead_port}/v1"\n'
+        + '[models.chat]\nbackend = "local"\nmodel = "leak-model"\ninput = ["text", "image"]\n'
+        + '[models.nowhere]\nbackend = "gone"\nmodel = "leak-model"\ninput = ["text", "image"]\n'
+    )
+    monkeypatch.setenv("GATEWAY_API_KEYS", CLIENT_KEY)
+    monkeypatch.setenv("STANDIN_KEY", UPSTREAM_KEY)
+    app = create_app(tmp_path / "models.toml")
+    with TestClient(app if request.param == "coroutine" else receiving_futures(app), timeout=30) as client:
+        yield client
+    standin.reset()
+
+
+def chat_body(model: str, *, image: bool, stream: bool) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": "What is this?"}]
+    if image:
+        content.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(BIG_PNG).decode()}})
+    return {"model": model, "messages": [{"role": "user", "content": content}], "stream": stream}
+
+
+# What the upstream does (a stand-in step, or None for an upstream that is not there), and whether the request streams.
+OUTCOMES = {
+    "answered": ({"kind": "ok"}, False),
+    "streamed": ({"kind": "ok"}, True),
+    "upstream 500": ({"kind": "status", "status": 500}, False),
+    "upstream 400": ({"kind": "status", "status": 400}, False),
+    "connection reset": ({"kind": "reset"}, False),
+    "not JSON": ({"kind": "invalid_json"}, False),
+    "nobody listening": (None, False),
+    "stream cut": ({"kind": "stream_cut", "after_chunks": 2}, True),
+    "error event": ({"kind": "error_event", "after_chunks": 1}, True),
+    "refused stream": ({"kind": "status", "status": 500}, True),
+    "no answer in time": ({"kind": "hang", "hang_s": 1}, False),
+    "stream stalled": ({"kind": "stream_stall", "after_chunks": 1, "stall_s": 1}, True),
+}
+
+
+@pytest.mark.parametrize("image", [True, False], ids=["large body", "small body"])
+@pytest.mark.parametrize("outcome", list(OUTCOMES))
+def test_a_request_leaves_nothing_for_the_cyclic_collector(
+    leak_client: TestClient[Any], standin: StandIn, outcome: str, image: bool
+) -> None:
+    """Whatever the upstream does, a finished request is freed by reference counting alone.
+
+    A reference cycle (say, an error kept in a local of a frame its traceback
+    holds) would keep the request's frames, and with them its body, until a
+    collection came: megabytes per failed image request, piling up.
+    """
+    step, stream = OUTCOMES[outcome]
+    model = "chat" if step is not None else "nowhere"
+    if step is not None:
+        standin.script("leak-model", [step] * 4)
+    body = json.dumps(chat_body(model, image=image, stream=stream))
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+    leak_client.post("/v1/chat/completions", content=body, headers=headers)  # connections and caches warm up
+    cyclic_garbage()
+    gc.disable()
+    try:
+        answer = leak_client.post("/v1/chat/completions", content=body, headers=headers)
+        left = cyclic_garbage()
+    finally:
+        gc.enable()
+    assert answer.status_code in (200, 400, 502, 503, 504), answer.text
+    assert not left, f"{outcome}: a cycle kept {described(left)}"

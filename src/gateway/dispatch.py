@@ -229,9 +229,8 @@ class Dispatcher:
                     alias.name, target.alias, target.backend_name, target.model, calls_made(attempts),
                 )
                 return result
-        error = exhausted_error(alias.name, attempts, self._health, targets)
-        error.headers["x-gateway-attempts"] = str(calls_made(attempts))
-        raise error
+        # Raised as made, never held in a local: the traceback holds this frame, which holds the body.
+        raise exhausted_error(alias.name, attempts, self._health, targets)
 
     @staticmethod
     def _out_of_budget(routing: RoutingConfig, attempts: list[Attempt], deadline: float) -> str | None:
@@ -504,7 +503,13 @@ def answer_verdict(target: Target, raw: bytes, *, streaming: bool = False) -> Ve
 
 
 def exhausted_error(alias: str, attempts: list[Attempt], health: HealthBoard, targets: tuple[Target, ...]) -> GatewayError:
-    """The one error a client gets when no target of the plan answered."""
+    """The one error a client gets when no target of the plan answered, with how many calls were made."""
+    error = _exhaustion(alias, attempts, health, targets)
+    error.headers["x-gateway-attempts"] = str(calls_made(attempts))
+    return error
+
+
+def _exhaustion(alias: str, attempts: list[Attempt], health: HealthBoard, targets: tuple[Target, ...]) -> GatewayError:
     called = [a for a in attempts if a.called]
     outcomes = {a.outcome for a in called}
     summary = "; ".join(a.describe() for a in attempts) or "no target could be tried"

@@ -399,6 +399,9 @@ class H1Pool:
             return await waiter
         except BaseException:
             connection._abort()
+            # The future holds the error, whose traceback holds this frame: a cycle, keeping
+            # the request's body until a garbage collection, unless the frame lets go of it.
+            del waiter
             raise
         finally:
             if timer is not None:

@@ -83,7 +83,8 @@ class StreamRelay:
                 if self.done:
                     break
         except GatewayError as error:
-            return b"".join(out), error
+            # A value from here on: its traceback would tie the caller's frame, which holds it, in a cycle.
+            return b"".join(out), error.with_traceback(None)
         return b"".join(out), None
 
     def render(self, data: bytes | None) -> bytes | None:
@@ -130,7 +131,10 @@ async def relay_stream(start: StreamStart, relay: StreamRelay) -> AsyncGenerator
             if rendered:
                 yield rendered
             if upstream_error is not None:
-                raise upstream_error
+                # Answered here, not raised: this frame holds it, and its traceback would hold this frame.
+                log.warning("stream from %s ended by an upstream error: %s", relay.served_alias, upstream_error.message)
+                yield error_event(GatewayError(upstream_error.code, scrub(upstream_error.message, secrets)))
+                return
             if relay.done:
                 return
             if ended:
@@ -148,10 +152,6 @@ async def relay_stream(start: StreamStart, relay: StreamRelay) -> AsyncGenerator
         log.warning("stream from %s broke off after the first byte: %s", relay.served_alias, fault)
         detail = scrub(f"{fault.kind}: {fault.detail}", secrets)
         yield error_event(GatewayError(code, f"The model's stream broke off ({detail}); the answer is incomplete."))
-        return
-    except GatewayError as error:
-        log.warning("stream from %s ended by an upstream error: %s", relay.served_alias, error.message)
-        yield error_event(GatewayError(error.code, scrub(error.message, secrets)))
         return
     if relay.saw_finish:
         if not start.finished:

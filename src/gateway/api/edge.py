@@ -267,8 +267,10 @@ class cancelled_on_disconnect:  # a class named as the function it replaced: ``a
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            # Let go of it too: its frame holds this object, and the cancelled task will hold that frame.
+            watcher.cancel()
         if kind is not None and issubclass(kind, asyncio.CancelledError):
             assert self._task is not None
             # The client is gone: nothing to answer, and the upstream is already closed.
