@@ -181,15 +181,40 @@ def test_a_request_leaves_nothing_for_the_cyclic_collector(
     model = "chat" if step is not None else "nowhere"
     if step is not None:
         standin.script("leak-model", [step] * 4)
-    body = json.dumps(chat_body(model, image=image, stream=stream))
-    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
-    leak_client.post("/v1/chat/completions", content=body, headers=headers)  # connections and caches warm up
+    status = post_twice(leak_client, json.dumps(chat_body(model, image=image, stream=stream)).encode(), outcome)
+    assert status in (200, 400, 502, 503, 504)
+
+
+def post_twice(client: TestClient[Any], body: bytes, outcome: str, key: str = CLIENT_KEY) -> int:
+    """Post ``body`` twice (the first warms connections and caches up); check the second left no cycle; its status."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    client.post("/v1/chat/completions", content=body, headers=headers)
     cyclic_garbage()
     gc.disable()
     try:
-        answer = leak_client.post("/v1/chat/completions", content=body, headers=headers)
+        answer = client.post("/v1/chat/completions", content=body, headers=headers)
         left = cyclic_garbage()
     finally:
         gc.enable()
-    assert answer.status_code in (200, 400, 502, 503, 504), answer.text
     assert not left, f"{outcome}: a cycle kept {described(left)}"
+    return answer.status_code
+
+
+def with_fields(**fields: Any) -> bytes:
+    return json.dumps({**chat_body("chat", image=True, stream=False), **fields}).encode()
+
+
+# A request the gateway refuses itself, and the status that says so.
+REFUSALS = {
+    "a field of the wrong type": (with_fields(max_tokens="many"), CLIENT_KEY, 400),
+    "an unknown model": (with_fields(model="nope"), CLIENT_KEY, 404),
+    "a wrong key": (with_fields(), "sk-wrong", 401),
+    "a body that is not JSON": (with_fields()[:-2], CLIENT_KEY, 400),
+    "an image that is not base64": (with_fields().replace(b"base64,", b"base64,*", 1), CLIENT_KEY, 400),
+}
+
+
+@pytest.mark.parametrize("refusal", list(REFUSALS))
+def test_a_refused_request_leaves_nothing_for_the_cyclic_collector(leak_client: TestClient[Any], refusal: str) -> None:
+    body, key, status = REFUSALS[refusal]
+    assert post_twice(leak_client, body, refusal, key) == status

@@ -73,7 +73,7 @@ def decode_body(data: bytes | bytearray | memoryview, scope: Mapping[str, Any]) 
     except RecursionError:
         raise nested_too_deeply() from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in strings raise the latter
-        fault = exc
+        reason = str(exc)  # not the exception: its traceback would hold this frame, and so the body
     # Looked into only once the body failed: the common case pays nothing.
     encoding = header(scope, b"content-encoding")
     if encoding is not None and encoding.strip().lower() != "identity":
@@ -85,17 +85,17 @@ def decode_body(data: bytes | bytearray | memoryview, scope: Mapping[str, Any]) 
     if bytes(data[:3]) == _BOM:
         # RFC 8259 lets a reader ignore a byte-order mark; some Windows tools write one.
         return decode_body(memoryview(data)[3:], scope)
-    raise GatewayError("invalid_json", f"The body is not valid JSON: {_json_fault(fault, data)}.")
+    raise GatewayError("invalid_json", f"The body is not valid JSON: {_json_fault(reason, data)}.")
 
 
-def _json_fault(exc: Exception, data: bytes | bytearray | memoryview) -> str:
+def _json_fault(reason: str, data: bytes | bytearray | memoryview) -> str:
     # msgspec calls a lone surrogate "truncated"; JavaScript's JSON.stringify writes one for a
     # string cut inside an emoji, so say what it is.
     lone = _LONE_SURROGATE.search(data)
     if lone is not None:
         escape = lone.group(1).decode()
         return f"{escape} at byte {lone.start(1)} is half of a UTF-16 surrogate pair (text cut inside a character, such as an emoji); send both halves or neither"
-    return str(exc)
+    return reason
 
 
 def request_id(scope: dict[str, Any]) -> str:
