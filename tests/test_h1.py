@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -283,6 +284,28 @@ async def test_broken_answers_fail_with_a_kind(answer: bytes, kind: str, partial
         assert "127.0.0.1" not in str(caught.value)
         await asyncio.sleep(0.05)
         assert pool.open_connections == 0
+
+
+@in_loop
+async def test_an_answer_cut_off_is_freed_without_a_garbage_collection() -> None:
+    """The error an answer keeps is raised anew each time: the kept one would hold, through its traceback, the answer."""
+    async with pool_and_server(answering(lambda body: b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this", once=True)) as (pool, server):
+        gc.disable()
+        try:
+            response = await call(pool, server.origin)
+            for _ in range(2):
+                with pytest.raises(H1Error, match="cut off"):
+                    await read_all(response)
+            response.close()
+            kept = id(response)
+            del response
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            assert not [thing for thing in gc.garbage if isinstance(thing, H1Response) and id(thing) == kept]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
 
 
 @in_loop

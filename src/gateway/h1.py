@@ -71,6 +71,10 @@ class H1Error(Exception):
         self.errno = errno
         self.partial = partial
 
+    def again(self) -> H1Error:
+        """The same error, as a new exception without a traceback."""
+        return H1Error(self.kind, self.detail, errno=self.errno, partial=self.partial)
+
 
 def errno_words(number: object) -> str:
     """An OS error number in its own words ("connection refused"): the OS message names the host and port."""
@@ -127,7 +131,9 @@ class H1Response:
             self._buffered = 0
             return chunk
         if self._error is not None:
-            raise self._error
+            # Raising the one this object keeps would give it a traceback holding this frame, which
+            # holds this object: a cycle, freed only by a garbage collection.
+            raise self._error.again()
         return None
 
     async def aclose(self) -> None:
