@@ -218,3 +218,52 @@ REFUSALS = {
 def test_a_refused_request_leaves_nothing_for_the_cyclic_collector(leak_client: TestClient[Any], refusal: str) -> None:
     body, key, status = REFUSALS[refusal]
     assert post_twice(leak_client, body, refusal, key) == status
+
+
+def scope_for(body: bytes) -> dict[str, Any]:
+    headers = [(b"authorization", f"Bearer {CLIENT_KEY}".encode()), (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+        "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080),
+    }
+
+
+async def leave_early(app: Any, body: bytes, mid_body: bool) -> list[dict[str, Any]]:
+    """Serve one request to a client that goes away: halfway through sending its body, or after the first streamed event."""
+    sent: list[dict[str, Any]] = []
+    first_event = asyncio.Event()
+    pieces = [body[: len(body) // 2]] if mid_body else [body]
+
+    async def receive() -> dict[str, Any]:
+        if pieces:
+            return {"type": "http.request", "body": pieces.pop(0), "more_body": mid_body}
+        if not mid_body:
+            await first_event.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message.get("body"):
+            first_event.set()
+
+    await asyncio.wait_for(app(scope_for(body), receive, send), 10)
+    return sent
+
+
+@pytest.mark.parametrize("mid_body", [True, False], ids=["while sending its body", "mid-stream"])
+def test_a_client_that_leaves_leaves_nothing_for_the_cyclic_collector(leak_client: TestClient[Any], standin: StandIn, mid_body: bool) -> None:
+    standin.script("leak-model", [{"kind": "ok", "chunks": 20, "interval_ms": 20}] * 2)
+    body = json.dumps(chat_body("chat", image=True, stream=True)).encode()
+    portal = leak_client.blocking_portal
+    portal.call(leave_early, leak_client.app, body, mid_body)
+    cyclic_garbage()
+    gc.disable()
+    try:
+        sent = portal.call(leave_early, leak_client.app, body, mid_body)
+        left = cyclic_garbage()
+    finally:
+        gc.enable()
+    streamed = [message for message in sent if message["type"] == "http.response.body" and message.get("body")]
+    assert (len(streamed) == 0) if mid_body else (0 < len(streamed) < 20), sent
+    assert not left, f"a cycle kept {described(left)}"
