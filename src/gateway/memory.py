@@ -1,12 +1,13 @@
 """Tune the worker's memory management for its request path.
 
-**glibc's allocator, for request bodies of many megabytes.** A 4 MB image arrives as a 5.6 MB body and lives as a few buffers of that size
-(the body, the decoded string, the upstream body). By default glibc serves such
-buffers from fresh mmap'd pages or trims the heap after each request, so every
-request touches ~21 MB of new pages: measured 5,400 page faults and 27 ms of CPU
-per image request. Raising the mmap threshold to 32 MiB and the trim threshold
-to 64 MiB keeps freed buffers in the heap for the next request: 20 page faults
-and 12.8 ms per request, for about 12 MiB more peak RSS at 4 concurrent images.
+**glibc's allocator, for request bodies of many megabytes.** A 4 MB image
+arrives as a 5.6 MB body and lives as a few buffers of that size (the body, the
+decoded string, the upstream body). By default glibc serves such buffers from
+fresh mmap'd pages or trims the heap after each request, so every request
+touches ~21 MB of new pages: measured 5,400 page faults and 27 ms of CPU per
+image request. Raising the mmap threshold to 32 MiB and the trim threshold to
+64 MiB keeps freed buffers in the heap for the next request: 20 page faults and
+12.8 ms per request, for about 12 MiB more peak RSS at 4 concurrent images.
 Off glibc this is a no-op.
 
 **CPython's cyclic garbage collector, for a heap that lives as long as the
