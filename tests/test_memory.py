@@ -1,4 +1,11 @@
-"""The worker's heap frozen out of garbage collection (gateway.memory), and what that must not cost.
+"""What the garbage collector is left to do in a worker.
+
+- The heap of a started worker is frozen out of collections (gateway.memory),
+  and that must not keep what a reload replaces.
+- A finished request, answered or failed or left by its client, is freed by
+  reference counting alone: nothing of it waits in a cycle for a collection.
+  These tests drive the app in process (the test client, or the app called
+  with a scripted client) against the real upstream stand-in.
 
 Freezing is process-wide, so each test thaws the heap again when it ends.
 """
