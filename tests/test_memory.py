@@ -142,6 +142,12 @@ def leak_client(request: pytest.FixtureRequest, standin: StandIn, tmp_path: Path
         + '[models.nowhere]\nbackend = "gone"\nmodel = "leak-model"\ninput = ["text", "image"]\n'
         + '[models.backed]\nbackend = "local"\nmodel = "leak-model"\ninput = ["text", "image"]\nfallback = ["backup"]\n'
         + '[models.backup]\nbackend = "local"\nmodel = "leak-backup"\ninput = ["text", "image"]\n'
+        + "".join(
+            f'[models.{name}]\nbackend = "local"\nmodel = "leak-{name}"\ninput = ["text", "image"]\noutput = ["image", "text"]\n'
+            'params = { modalities = ["image", "text"] }\n'
+            for name in ("nano", "big")
+        )
+        + '[models.draw]\nroute = ["nano", "big"]\n'
     )
     monkeypatch.setenv("GATEWAY_API_KEYS", CLIENT_KEY)
     monkeypatch.setenv("STANDIN_KEY", UPSTREAM_KEY)
@@ -192,6 +198,26 @@ def test_a_request_leaves_nothing_for_the_cyclic_collector(
     standin.script("leak-model", [step] * 8)
     status = post_twice(leak_client, json.dumps(chat_body(model, image=image, stream=stream)).encode(), outcome)
     assert status == 200 if model == "backed" else status in (200, 400, 502, 503, 504)
+
+
+# What each member of the image route answers, and the status the client gets.
+DRAWINGS = {
+    "drawn by the second member": ({"leak-nano": {"kind": "no_image"}, "leak-big": {"kind": "ok"}}, 200),
+    "drawn by no member": ({"leak-nano": {"kind": "no_image"}, "leak-big": {"kind": "no_image"}}, 502),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("drawing", list(DRAWINGS))
+def test_an_image_route_leaves_nothing_for_the_cyclic_collector(
+    leak_client: TestClient[Any], standin: StandIn, drawing: str, stream: bool
+) -> None:
+    """An image-output route reads a member's whole answer (an image of megabytes, say) before it moves on or serves."""
+    steps, status = DRAWINGS[drawing]
+    for model, step in steps.items():
+        standin.script(model, [step] * 2)
+    body = {"model": "draw", "messages": [{"role": "user", "content": "A lighthouse at dusk"}], "stream": stream}
+    assert post_twice(leak_client, json.dumps(body).encode(), drawing) == status
 
 
 def post_twice(client: TestClient[Any], body: bytes, outcome: str, key: str = CLIENT_KEY) -> int:
