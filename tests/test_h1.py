@@ -287,8 +287,9 @@ async def test_broken_answers_fail_with_a_kind(answer: bytes, kind: str, partial
 
 
 @in_loop
-async def test_an_answer_cut_off_is_freed_without_a_garbage_collection() -> None:
-    """The error an answer keeps is raised anew each time: the kept one would hold, through its traceback, the answer."""
+async def test_an_answer_cut_off_and_its_connection_are_freed_without_a_garbage_collection() -> None:
+    """The error an answer keeps is raised anew each time: the kept one would hold, through its traceback,
+    the answer. The lost connection lets go of its parser, which calls back into it."""
     async with pool_and_server(answering(lambda body: b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this", once=True)) as (pool, server):
         gc.disable()
         try:
@@ -297,11 +298,12 @@ async def test_an_answer_cut_off_is_freed_without_a_garbage_collection() -> None
                 with pytest.raises(H1Error, match="cut off"):
                     await read_all(response)
             response.close()
-            kept = id(response)
+            await asyncio.sleep(0.05)  # the connection is lost
+            kept = {id(response), id(response._connection)}
             del response
             gc.set_debug(gc.DEBUG_SAVEALL)
             gc.collect()
-            assert not [thing for thing in gc.garbage if isinstance(thing, H1Response) and id(thing) == kept]
+            assert not [type(thing).__name__ for thing in gc.garbage if id(thing) in kept and type(thing).__name__ in ("H1Response", "_Connection")]
         finally:
             gc.set_debug(0)
             gc.garbage.clear()

@@ -230,6 +230,9 @@ class _Connection(asyncio.Protocol):
         detail = "the answer was cut off" if partial else "the upstream closed the connection"
         self._fail(H1Error("closed", detail, partial=partial))
         self.pool._lost(self)
+        # The parser calls back into this connection: let go of it, or the two would wait for a
+        # garbage collection, with whatever the connection still holds.
+        del self._parser
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.closed:
