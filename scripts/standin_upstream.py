@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -315,27 +315,25 @@ class SseWriter:
     async def send(self, event: Json) -> None:
         await self.send_raw(json.dumps(event))
 
-    async def send_content(self, completion: Completion, count: int, start: int = 0) -> None:
-        for index in range(start, start + count):
+    async def send_paced(self, deltas: Iterable[Json]) -> None:
+        """One chunk per delta, each after the step's interval."""
+        for delta in deltas:
             if self.interval_s:
                 await asyncio.sleep(self.interval_s)
-            await self.send(completion.chunk({"content": content_piece(index)}))
+            await self.send(self.completion.chunk(delta))
+
+    async def send_content(self, count: int, start: int = 0) -> None:
+        await self.send_paced({"content": content_piece(index)} for index in range(start, start + count))
 
     async def send_text(self, text: str, count: int) -> None:
         """A scripted answer's text in ``count`` pieces."""
-        for piece in pieces(text, count):
-            if self.interval_s:
-                await asyncio.sleep(self.interval_s)
-            await self.send(self.completion.chunk({"content": piece}))
+        await self.send_paced({"content": piece} for piece in pieces(text, count))
 
     async def send_tool_call(self, call: Json, count: int) -> None:
         """As OpenAI streams a call: id and name first, then the arguments' text in ``count`` pieces."""
         head = {"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
         await self.send(self.completion.chunk({"tool_calls": [head]}))
-        for piece in pieces(call["function"]["arguments"], count):
-            if self.interval_s:
-                await asyncio.sleep(self.interval_s)
-            await self.send(self.completion.chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+        await self.send_paced({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in pieces(call["function"]["arguments"], count))
 
 
 def pieces(text: str, count: int) -> list[str]:
@@ -391,31 +389,31 @@ async def stream_reply(request: web.Request, completion: Completion) -> web.Stre
     await writer.send(completion.chunk({"role": "assistant", "content": None if call else ""}))
 
     if kind == "stream_cut":
-        await writer.send_content(completion, after_chunks)
+        await writer.send_content(after_chunks)
         await abort_response(request, hard=False)
     if kind == "error_event":
-        await writer.send_content(completion, after_chunks)
+        await writer.send_content(after_chunks)
         await writer.send({"error": {"message": "upstream overloaded", "code": 502}})
         await response.write_eof()
         return response
     if kind == "stream_stall":
-        await writer.send_content(completion, after_chunks)
+        await writer.send_content(after_chunks)
         await asyncio.sleep(bounded_seconds(step.get("stall_s"), MAX_SLEEP_S))
-        await writer.send_content(completion, max(0, content_chunks - after_chunks), start=after_chunks)
+        await writer.send_content(max(0, content_chunks - after_chunks), start=after_chunks)
     elif kind == "deep_json":
         await writer.send_raw(deep_json(completion.chunk({"content": "deep "}), step))
-        await writer.send_content(completion, content_chunks)
+        await writer.send_content(content_chunks)
     elif kind == "malformed_chunk":
         malformed_at = non_negative_int(step, "at", 1)
-        await writer.send_content(completion, min(malformed_at, content_chunks))
+        await writer.send_content(min(malformed_at, content_chunks))
         await writer.send_raw("{not json")
-        await writer.send_content(completion, max(0, content_chunks - malformed_at), start=malformed_at)
+        await writer.send_content(max(0, content_chunks - malformed_at), start=malformed_at)
     elif call is not None:
         await writer.send_tool_call(call, content_chunks)
     elif isinstance(step.get("content"), str):
         await writer.send_text(completion.reply_text, content_chunks)
     else:
-        await writer.send_content(completion, content_chunks)
+        await writer.send_content(content_chunks)
 
     if wants_images(completion.body, step):
         await writer.send(completion.chunk({"images": image_parts(step)}))

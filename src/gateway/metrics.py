@@ -36,7 +36,7 @@ _BOUND_INDEX = {bound: index for index, bound in enumerate(_BOUNDS)}
 
 class Metrics:
     def __init__(self) -> None:
-        self.counters: dict[str, defaultdict[Labels, float]] = {name: defaultdict(float) for name in HELP}
+        self.counters = _new_counters()
         self.histograms = _new_histograms()
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
@@ -62,7 +62,7 @@ class Metrics:
 
 def render(samples: Iterable[Sample]) -> str:
     """The Prometheus text of ``samples``, summed per series: one process's, or every worker's."""
-    counters: dict[str, defaultdict[Labels, float]] = {name: defaultdict(float) for name in HELP}
+    counters = _new_counters()
     histograms = _new_histograms()
     for name, labels, value in samples:
         if name in counters:
@@ -91,6 +91,10 @@ def render(samples: Iterable[Sample]) -> str:
             lines.append(f"{name}_sum{_label_text(labels)} {_number(cells[-1])}")
             lines.append(f"{name}_count{_label_text(labels)} {_number(total)}")
     return "\n".join(lines) + "\n"
+
+
+def _new_counters() -> dict[str, defaultdict[Labels, float]]:
+    return {name: defaultdict(float) for name in HELP}
 
 
 def _new_histograms() -> dict[str, defaultdict[Labels, list[float]]]:
