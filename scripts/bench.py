@@ -23,7 +23,10 @@ How it works:
    instead: a bare ASGI app that only reads the body, under the gateway's own
    granian settings. Its row is granian's cost of receiving the body, which the
    gateway pays before it does anything; the rest of the image figure is the
-   gateway's own work.
+   gateway's own work. Phase ``image_forwarder`` sends them to the same app
+   run as a bare proxy (``--forward``): it reads the whole body, then sends it
+   on to the upstream as it came. Its row is the least any proxy pays that
+   judges a request before sending it, as the gateway does.
 6. Phase ``big_image`` sends a 20 MB image (decoded: the size models.toml
    allows by default), 2 at a time: what the gateway's memory grows by per
    image in flight, as a multiple of the request body.
@@ -347,12 +350,14 @@ def wait_ready(child: Child, url: str, what: str) -> Child:
     raise BenchError(f"{what} was not ready in {START_TIMEOUT_S:g} s:\n{child.log_tail()}")
 
 
-def start_floor(workdir: Path) -> tuple[Child, int]:
-    """``scripts/floor_app.py``: a bare ASGI app under the gateway's granian settings."""
+def start_floor(workdir: Path, forward_url: str | None = None) -> tuple[Child, int]:
+    """``scripts/floor_app.py``: a bare ASGI app under the gateway's granian settings (a bare proxy to ``forward_url``)."""
     port = free_port()
     argv = [sys.executable, str(SCRIPTS_DIR / "floor_app.py"), "--host", HOST, "--port", str(port)]
-    child = Child("floor", argv, dict(os.environ), workdir)
-    return wait_ready(child, f"http://{HOST}:{port}/", "the bare app"), port
+    argv += ["--forward", forward_url] if forward_url else []
+    name = "forwarder" if forward_url else "floor"
+    child = Child(name, argv, dict(os.environ), workdir)
+    return wait_ready(child, f"http://{HOST}:{port}/", f"the bare {'proxy' if forward_url else 'app'}"), port
 
 
 # ------------------------------------------------------------------ payloads
@@ -723,10 +728,10 @@ class Phase:
     key: str
     title: str
     run: Callable[[Target], LoadResult]
-    side: str = "gateway"  # what is measured after the direct call: the gateway, or the bare "floor" app
+    side: str = "gateway"  # what is measured after the direct call: the gateway, the bare "floor" app or the bare "forwarder"
 
 
-PHASE_KEYS = ("small_c1", "small_c64", "streams", "slow_streams", "image", "image_floor", "big_image", "scale")
+PHASE_KEYS = ("small_c1", "small_c64", "streams", "slow_streams", "image", "image_floor", "image_forwarder", "big_image", "scale")
 
 
 def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
@@ -772,6 +777,12 @@ def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
             side="floor",
         ),
         Phase(
+            "image_forwarder",
+            f"{shape.image_mb:g} MB image, c={shape.image_conc}, bare proxy",
+            lambda t: plain.run(t.url, t.bodies.image, shape.image_conc, duration_s, image_cap),
+            side="forwarder",
+        ),
+        Phase(
             "big_image",
             f"{shape.big_image_mb:g} MB image, c={shape.big_image_conc}",
             lambda t: plain.run(t.url, t.bodies.big_image, shape.big_image_conc, duration_s, big_image_cap),
@@ -779,11 +790,12 @@ def build_phases(settings: Settings, plain: PlainLoad) -> list[Phase]:
     ] + ([scale] if shape.scale_conc else [])
 
 
-def warm_up(target: Target, settings: Settings, plain: PlainLoad) -> None:
+def warm_up(target: Target, settings: Settings, plain: PlainLoad, streams: bool = True) -> None:
     """Open connections and fill caches on both sides before anything is timed."""
     seconds = settings.warmup_s
     plain.run(target.url, target.bodies.small, 16, seconds, int(settings.max_requests_per_s * seconds) + 16)
-    run_streams(target.url, target.bodies.stream, 4, seconds, 200, settings.shape.stream_chunks)
+    if streams:
+        run_streams(target.url, target.bodies.stream, 4, seconds, 200, settings.shape.stream_chunks)
 
 
 def check_end_to_end(gateway: Target, upstream_url: str, shape: Shape) -> None:
@@ -908,6 +920,14 @@ def figures(results: dict[str, dict[str, LoadResult]], shape: Shape, big_body_by
         rows += [
             Figure(f"{image}: bare granian app p50 latency (ms)", df.p50, ff.p50, "added", 1),
             Figure(f"{image}: bare granian app CPU per request (µs)", math.nan, ff.gateway["cpu_us_per_request"], "gateway", 0),
+        ]
+    if "image_forwarder" in results:
+        # The same app as a bare proxy: it reads the body, then sends it on as it came. The
+        # least a proxy that judges a request before sending it pays, the upstream's time included.
+        dw, fw = results["image_forwarder"]["direct"], results["image_forwarder"]["forwarder"]
+        rows += [
+            Figure(f"{image}: bare granian proxy p50 latency (ms)", dw.p50, fw.p50, "added", 1),
+            Figure(f"{image}: bare granian proxy CPU per request (µs)", math.nan, fw.gateway["cpu_us_per_request"], "gateway", 0),
         ]
     if "big_image" in results:
         db, gb = pair("big_image")
@@ -1060,6 +1080,13 @@ def run(settings: Settings, args: argparse.Namespace, workdir: Path, started: li
         floor = Target("floor", f"http://{HOST}:{floor_port}{CHAT_PATH}", gateway.bodies)
         warm_up(floor, settings, plain)
         sides["floor"] = (floor, floor_child)
+    if any(phase.side == "forwarder" for phase in phases):
+        forwarder_child, forwarder_port = start_floor(workdir, direct.url)
+        started.append(forwarder_child)
+        # It sends bodies on unchanged, so it is given the upstream's own (those the direct call sends).
+        forwarder = Target("forwarder", f"http://{HOST}:{forwarder_port}{CHAT_PATH}", direct.bodies)
+        warm_up(forwarder, settings, plain, streams=False)  # it relays whole answers only
+        sides["forwarder"] = (forwarder, forwarder_child)
     results = run_phases(phases, direct, sides)
     meta["loadavg_after"] = _loadavg()
     rows = figures(results, shape, len(gateway.bodies.big_image))

@@ -7,9 +7,12 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from harness import ManagedProcess, free_port, local_client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_SCRIPT = REPO_ROOT / "scripts" / "bench.py"
@@ -30,6 +33,8 @@ FIGURE_ROWS = [
     (r"4 MB PNG image_url, c=4: gateway peak RSS \(MiB\)", False),
     (r"4 MB PNG image_url, c=4: bare granian app p50 latency \(ms\)", True),
     (r"4 MB PNG image_url, c=4: bare granian app CPU per request \(µs\)", False),
+    (r"4 MB PNG image_url, c=4: bare granian proxy p50 latency \(ms\)", True),
+    (r"4 MB PNG image_url, c=4: bare granian proxy CPU per request \(µs\)", False),
     (r"20 MB PNG \(decoded\) image_url, c=2: p50 latency \(ms\)", True),
     (r"20 MB PNG \(decoded\) image_url, c=2: gateway CPU per request \(µs\)", False),
     (r"20 MB PNG \(decoded\) image_url, c=2: gateway peak RSS \(MiB\)", False),
@@ -90,7 +95,9 @@ def test_json_holds_every_figure(smoke_run: tuple[subprocess.CompletedProcess[st
     document = json.loads(json_path.read_text())
     assert len(document["figures"]) == len(FIGURE_ROWS)
     assert all(isinstance(figure["gateway"], (int, float)) for figure in document["figures"])
-    assert set(document["phases"]) == {"small_c1", "small_c64", "streams", "slow_streams", "image", "image_floor", "big_image", "scale"}
+    assert set(document["phases"]) == {
+        "small_c1", "small_c64", "streams", "slow_streams", "image", "image_floor", "image_forwarder", "big_image", "scale"
+    }
 
 
 def test_only_runs_and_reports_the_phases_named(tmp_path: Path) -> None:
@@ -101,7 +108,7 @@ def test_only_runs_and_reports_the_phases_named(tmp_path: Path) -> None:
     assert set(json.loads(json_path.read_text())["phases"]) == {"image"}
     rows = report_rows(done.stdout)
     assert len(rows) == 3 and all(row.startswith("| 4 MB PNG image_url, c=4:") for row in rows), done.stdout
-    assert not any("bare granian app" in row for row in rows), done.stdout
+    assert not any("bare granian" in row for row in rows), done.stdout
 
 
 def test_floor_phase_measures_the_bare_app(tmp_path: Path) -> None:
@@ -115,6 +122,61 @@ def test_floor_phase_measures_the_bare_app(tmp_path: Path) -> None:
     assert phases["image_floor"]["floor"]["gateway"]["cpu_s"] > 0  # the bare app's own process tree
     rows = report_rows(done.stdout)
     assert len(rows) == 2 and all("bare granian app" in row for row in rows), done.stdout
+
+
+def test_forwarder_phase_measures_the_bare_proxy(tmp_path: Path) -> None:
+    """--only image_forwarder sends the image requests through the bare proxy and reports them as its rows."""
+    json_path = tmp_path / "bench.json"
+    done = run_smoke(json_path, "--only", "image_forwarder")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    phases = json.loads(json_path.read_text())["phases"]
+    assert set(phases) == {"image_forwarder"} and set(phases["image_forwarder"]) == {"direct", "forwarder"}
+    forwarded = phases["image_forwarder"]["forwarder"]
+    assert forwarded["requests"] > 0 and not forwarded["errors"]
+    assert forwarded["gateway"]["cpu_s"] > 0  # the bare proxy's own process tree
+    rows = report_rows(done.stdout)
+    assert len(rows) == 2 and all("bare granian proxy" in row for row in rows), done.stdout
+
+
+@pytest.fixture
+def fast_upstream() -> Iterator[str]:
+    port = free_port()
+    upstream = ManagedProcess(
+        [sys.executable, str(REPO_ROOT / "scripts" / "fast_upstream.py"), "--port", str(port)],
+        name="fast-upstream", base_url=f"http://127.0.0.1:{port}",
+    )
+    try:
+        upstream.wait_ready("/stats", timeout_s=15)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        upstream.cleanup()
+
+
+def test_bare_proxy_sends_the_whole_body_and_relays_the_answer(fast_upstream: str) -> None:
+    """``floor_app.py --forward``: the upstream gets each body whole, in pieces or not, and the client its answer."""
+    port = free_port()
+    proxy = ManagedProcess(
+        [sys.executable, str(REPO_ROOT / "scripts" / "floor_app.py"), "--port", str(port),
+         "--forward", f"{fast_upstream}/v1/chat/completions"],
+        name="bare-proxy", base_url=f"http://127.0.0.1:{port}",
+    )
+    try:
+        proxy.wait_ready("/", timeout_s=30)
+        with local_client(timeout_s=30) as client:
+            before = client.get(f"{fast_upstream}/stats").json()
+            bodies = [
+                json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
+                for text in ("hi", "x" * 3_000_000)  # the large one reaches the app in several pieces
+            ]
+            for body in bodies * 2:  # the second round reuses the kept-alive upstream connection
+                answer = client.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=body)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["object"] == "chat.completion"
+            after = client.get(f"{fast_upstream}/stats").json()
+    finally:
+        proxy.cleanup()
+    assert after["chat_requests"] - before["chat_requests"] == 4
+    assert after["body_bytes"] - before["body_bytes"] == 2 * sum(map(len, bodies))
 
 
 def test_only_refuses_an_unknown_phase() -> None:
