@@ -36,6 +36,7 @@ HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(A
 # Set by main() before the worker starts: the worker imports this module afresh.
 FORWARD_ENV = "FLOOR_FORWARD_URL"
 FORWARD = urlsplit(os.environ.get(FORWARD_ENV, ""))
+FORWARDING = bool(FORWARD.hostname)
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 idle_connections: list[Connection] = []
 
@@ -48,12 +49,15 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return int(status_line.split()[1]), await reader.readexactly(int(fields[b"content-length"]))
 
 
-async def forward(body: list[bytes], length: int) -> tuple[int, bytes]:
-    connection = idle_connections.pop() if idle_connections else await asyncio.open_connection(FORWARD.hostname, FORWARD.port)
+async def forward(body: list[bytes]) -> tuple[int, bytes]:
+    if idle_connections:
+        connection = idle_connections.pop()
+    else:
+        connection = await asyncio.open_connection(FORWARD.hostname, FORWARD.port or 80)
     reader, writer = connection
     head = (
-        f"POST {FORWARD.path} HTTP/1.1\r\nhost: {FORWARD.netloc}\r\n"
-        f"content-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+        f"POST {FORWARD.path or '/'} HTTP/1.1\r\nhost: {FORWARD.netloc}\r\n"
+        f"content-type: application/json\r\ncontent-length: {sum(map(len, body))}\r\n\r\n"
     ).encode()
     try:
         writer.writelines((head, *body))
@@ -79,12 +83,12 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-        if FORWARD.port:
+        if FORWARDING:
             body.append(message.get("body", b""))
         if not message.get("more_body", False):
             break
-    if FORWARD.port and scope["method"] == "POST":
-        status, answer = await forward(body, sum(map(len, body)))
+    if FORWARDING and scope["method"] == "POST":
+        status, answer = await forward(body)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": answer})
