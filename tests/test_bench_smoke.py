@@ -111,31 +111,22 @@ def test_only_runs_and_reports_the_phases_named(tmp_path: Path) -> None:
     assert not any("bare granian" in row for row in rows), done.stdout
 
 
-def test_floor_phase_measures_the_bare_app(tmp_path: Path) -> None:
-    """--only image_floor sends the image requests to the bare app, not the gateway, and reports them as its rows."""
+@pytest.mark.parametrize(
+    ("phase", "side", "label"),
+    [("image_floor", "floor", "bare granian app"), ("image_forwarder", "forwarder", "bare granian proxy")],
+)
+def test_floor_phases_measure_their_bare_server(tmp_path: Path, phase: str, side: str, label: str) -> None:
+    """--only PHASE sends the image requests to that bare server, not the gateway, and reports them as its rows."""
     json_path = tmp_path / "bench.json"
-    done = run_smoke(json_path, "--only", "image_floor")
+    done = run_smoke(json_path, "--only", phase)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     phases = json.loads(json_path.read_text())["phases"]
-    assert set(phases) == {"image_floor"} and set(phases["image_floor"]) == {"direct", "floor"}
-    assert phases["image_floor"]["floor"]["requests"] > 0
-    assert phases["image_floor"]["floor"]["gateway"]["cpu_s"] > 0  # the bare app's own process tree
+    assert set(phases) == {phase} and set(phases[phase]) == {"direct", side}
+    measured = phases[phase][side]
+    assert measured["requests"] > 0 and not measured["errors"]
+    assert measured["gateway"]["cpu_s"] > 0  # the bare server's own process tree
     rows = report_rows(done.stdout)
-    assert len(rows) == 2 and all("bare granian app" in row for row in rows), done.stdout
-
-
-def test_forwarder_phase_measures_the_bare_proxy(tmp_path: Path) -> None:
-    """--only image_forwarder sends the image requests through the bare proxy and reports them as its rows."""
-    json_path = tmp_path / "bench.json"
-    done = run_smoke(json_path, "--only", "image_forwarder")
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    phases = json.loads(json_path.read_text())["phases"]
-    assert set(phases) == {"image_forwarder"} and set(phases["image_forwarder"]) == {"direct", "forwarder"}
-    forwarded = phases["image_forwarder"]["forwarder"]
-    assert forwarded["requests"] > 0 and not forwarded["errors"]
-    assert forwarded["gateway"]["cpu_s"] > 0  # the bare proxy's own process tree
-    rows = report_rows(done.stdout)
-    assert len(rows) == 2 and all("bare granian proxy" in row for row in rows), done.stdout
+    assert len(rows) == 2 and all(label in row for row in rows), done.stdout
 
 
 @pytest.fixture
