@@ -32,7 +32,6 @@ ANSWER = (
     b'"choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],'
     b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
 )
-HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
 # Set by main() before the worker starts: the worker imports this module afresh.
 FORWARD_ENV = "FLOOR_FORWARD_URL"
 FORWARD = urlsplit(os.environ.get(FORWARD_ENV, ""))
@@ -87,14 +86,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             body.append(message.get("body", b""))
         if not message.get("more_body", False):
             break
-    if FORWARDING and scope["method"] == "POST":
-        status, answer = await forward(body)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": answer})
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-    await send({"type": "http.response.body", "body": ANSWER})
+    status, answer = await forward(body) if FORWARDING and scope["method"] == "POST" else (200, ANSWER)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer})
 
 
 def _tune_allocator() -> None:

@@ -12,6 +12,7 @@ down reliably, including worker processes, with every wait bounded.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import os
 import re
@@ -39,6 +40,17 @@ LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 5.0
 POLL_INTERVAL_S = 0.05
 LISTENING_LINE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+
+
+def cyclic_garbage_now() -> list[Any]:
+    """Everything only the cyclic collector could free now: collected, and handed back to look at."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
 
 
 class ProcessStartError(RuntimeError):

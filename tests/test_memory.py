@@ -32,7 +32,7 @@ from gateway.chunks import Chunks
 from gateway.memory import freeze_long_lived_heap
 from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
-from harness import CLIENT_KEY, UPSTREAM_KEY, StandIn, free_port
+from harness import CLIENT_KEY, UPSTREAM_KEY, StandIn, cyclic_garbage_now, free_port
 
 PROJECT_CONFIG = Path(__file__).parent.parent / "models.toml"
 T = TypeVar("T")
@@ -107,17 +107,10 @@ BIG_PNG = b"\x89PNG\r\n\x1a\n" + bytes(300_000)
 
 def cyclic_garbage() -> list[Any]:
     """What only the cyclic collector could free now: the gateway's frames and request bodies in it."""
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        gc.collect()
-        found = [
-            thing for thing in gc.garbage
-            if (isinstance(thing, types.FrameType) and thing.f_code.co_filename.startswith(SOURCE)) or isinstance(thing, Chunks)
-        ]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    return found
+    return [
+        thing for thing in cyclic_garbage_now()
+        if (isinstance(thing, types.FrameType) and thing.f_code.co_filename.startswith(SOURCE)) or isinstance(thing, Chunks)
+    ]
 
 
 def described(found: list[Any]) -> list[str]:
