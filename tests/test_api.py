@@ -589,6 +589,18 @@ def test_max_tokens_below_the_alias_minimum_is_refused(
     assert post_chat(client, gateway, chat_body("api-pro", **{field: 200})).status_code == 200
 
 
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_token_budget_under_one_is_refused_before_the_upstream(
+    client: httpx.Client, gateway: GatewayProcess, standin: StandIn, field: str
+) -> None:
+    """0 is refused at the field even for an alias without min_max_tokens; nothing reaches the upstream."""
+    calls_before = len(standin.requests())
+    body = chat_body("api-text", **{field: 0})
+    error = assert_envelope(post_chat(client, gateway, body), 400, "invalid_request", param=field, pointer=f"/{field}", sent=body)
+    assert "at least 1" in error["message"]
+    assert len(standin.requests()) == calls_before
+
+
 def test_upstream_failure_is_502_without_secrets(
     client: httpx.Client, gateway: GatewayProcess, standin: StandIn
 ) -> None:

@@ -55,10 +55,25 @@ def test_every_known_field_accepts_null_as_absent(field: str) -> None:
 
 
 @pytest.mark.parametrize("field", sorted(f for f, kinds in FIELD_TYPES.items() if kinds == (INTEGER,)))
-@pytest.mark.parametrize("value", [200, 200.0, 0, -3])
+@pytest.mark.parametrize("value", [200, 200.0])
 def test_integer_fields_take_integers_including_integral_floats(field: str, value: Any) -> None:
     """Integer fields take JSON Schema integers: 200 and 200.0 alike."""
     inspect_request(body(**{field: value}))
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("value", [0, 0.0, -1, -(2**70)])
+def test_token_budgets_below_one_are_refused_at_the_field(field: str, value: Any) -> None:
+    """A budget of no tokens is refused for every alias, whatever its min_max_tokens says."""
+    error = refusal(body(**{field: value}))
+    assert (error.code, error.at) == ("invalid_request", (field,))
+    assert f"`{field}` must be at least 1, got {value}" in error.message
+    assert inspect_request(body(**{field: 1})).token_limits == ((field, 1),)
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_seed_takes_any_integer(value: int) -> None:
+    inspect_request(body(seed=value))
 
 
 @pytest.mark.parametrize("field", sorted(f for f, kinds in FIELD_TYPES.items() if kinds == (INTEGER,)))

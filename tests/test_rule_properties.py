@@ -242,11 +242,17 @@ def image_too_large(data: st.DataObject, body: Document, rules: AliasRules) -> I
 
 
 def max_tokens_too_small(data: st.DataObject, body: Document, rules: AliasRules) -> Injection | None:
-    if rules.min_max_tokens is None:
-        return None
+    if rules.min_max_tokens is None or rules.min_max_tokens == 1:
+        return None  # under 1 is no budget at all: token_budget_under_one
     field = data.draw(st.sampled_from(["max_tokens", "max_completion_tokens"]))
-    body[field] = data.draw(st.integers(rules.min_max_tokens - 50, rules.min_max_tokens - 1))
+    body[field] = data.draw(st.integers(max(1, rules.min_max_tokens - 50), rules.min_max_tokens - 1))
     return "max_tokens_too_small", (field,)
+
+
+def token_budget_under_one(data: st.DataObject, body: Document, rules: AliasRules) -> Injection | None:
+    field = data.draw(st.sampled_from(["max_tokens", "max_completion_tokens"]))
+    body[field] = data.draw(st.integers(max_value=0))
+    return "invalid_request", (field,)
 
 
 def max_tokens_too_large(data: st.DataObject, body: Document, rules: AliasRules) -> Injection | None:
@@ -286,7 +292,7 @@ INJECTORS: dict[str, Injector] = {
         bad_role, null_user_content, unknown_part, text_not_string, wrong_number, wrong_field_type, model_not_string,
         no_messages, image_url_not_data, image_not_base64, image_of_other_type, unsupported_image,
         unaccepted_modality, unaccepted_output, too_many_images, image_too_large, max_tokens_too_small,
-        max_tokens_too_large, context_too_long, refused_feature,
+        token_budget_under_one, max_tokens_too_large, context_too_long, refused_feature,
     )
 }
 

@@ -51,7 +51,7 @@ CATALOG: Mapping[str, ErrorKind] = _kinds(
         400,
         "invalid_request",
         _REQ,
-        "The body does not have the shape of the endpoint's request: a field is missing or has the wrong type.",
+        "The body does not have the shape of the endpoint's request: a field is missing, has the wrong type, or is out of range (a token budget under 1).",
         "Correct the field named by `param`.",
     ),
     (

@@ -191,6 +191,11 @@ def _check_fields(body: Mapping[str, Any]) -> None:
         kinds = FIELD_TYPES.get(field)
         if kinds is not None and value is not None:
             _expect(value, kinds, (field,), field)
+    for field in TOKEN_FIELDS:
+        value = body.get(field)
+        # A budget of no tokens cannot be met; OpenAI refuses it too, so it fails here, not upstream.
+        if value is not None and value < 1:
+            raise _invalid((field,), f"`{field}` must be at least 1, got {value}")
     stop = body.get("stop")
     if type(stop) is list:
         for i, item in enumerate(stop):
