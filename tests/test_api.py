@@ -477,6 +477,11 @@ def test_a_byte_order_mark_before_the_json_is_ignored(client: httpx.Client, gate
     assert response.status_code == 200, response.text
     bad = b"\xef\xbb\xbf" + b'{"model": '
     assert_envelope(client.post(f"{gateway.url}/v1/chat/completions", content=bad, headers=auth()), 400, "invalid_json")
+    # Only one is ignored: thousands of them once ran the stack out, a 500 with a traceback logged.
+    for marks in (2, 5000):
+        many = b"\xef\xbb\xbf" * marks + json.dumps(chat_body("api-chat")).encode()
+        assert_envelope(client.post(f"{gateway.url}/v1/chat/completions", content=many, headers=auth()), 400, "invalid_json")
+    assert "Traceback" not in gateway.process.log_text()
 
 
 def test_body_over_the_limit_is_413(client: httpx.Client, gateway: GatewayProcess) -> None:

@@ -66,7 +66,7 @@ _LONE_SURROGATE = re.compile(
 _BOM = b"\xef\xbb\xbf"
 
 
-def decode_body(data: bytes | bytearray | memoryview, scope: Mapping[str, Any]) -> Any:
+def decode_body(data: bytes | bytearray | memoryview, scope: Mapping[str, Any], *, after_bom: bool = False) -> Any:
     """The client's JSON, or an error with a reason the client can act on."""
     try:
         return _decode(data)
@@ -82,9 +82,10 @@ def decode_body(data: bytes | bytearray | memoryview, scope: Mapping[str, Any]) 
             f"The body is sent with Content-Encoding: {encoding[:40]}, which the gateway does not decode; send the JSON uncompressed.",
             headers={"Accept-Encoding": "identity"},
         )
-    if bytes(data[:3]) == _BOM:
-        # RFC 8259 lets a reader ignore a byte-order mark; some Windows tools write one.
-        return decode_body(memoryview(data)[3:], scope)
+    if bytes(data[:3]) == _BOM and not after_bom:
+        # RFC 8259 lets a reader ignore a byte-order mark; some Windows tools write one. One:
+        # a second is not JSON, and skipping marks one call each would let a body exhaust the stack.
+        return decode_body(memoryview(data)[3:], scope, after_bom=True)
     raise GatewayError("invalid_json", f"The body is not valid JSON: {_json_fault(reason, data)}.")
 
 
