@@ -459,6 +459,31 @@ def test_a_body_that_stops_arriving_is_408_and_the_connection_closes(sent: bytes
     assert BODY_TIMEOUT_S <= waited_s < BODY_TIMEOUT_S + 2
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/c1/chat"])
+@pytest.mark.parametrize(
+    ("framing", "cut_after"),
+    [(b"zz\r\nabc\r\n0\r\n\r\n", 0), (b"3\r\nabc\r\nzz\r\n", 3), (b"2\r\nabcdef\r\n0\r\n\r\n", 2)],
+    ids=["bad size", "bad size after a chunk", "chunk longer than its size"],
+)
+def test_broken_chunked_framing_is_400_incomplete_body(path: str, framing: bytes, cut_after: int, gateway: GatewayProcess) -> None:
+    """granian ends such a body as if the client had left; the client is still there and gets an envelope."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as conn:
+        conn.sendall(head + framing)
+        answer = b""
+        while chunk := conn.recv(65536):  # until the gateway closes
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status_line == b"HTTP/1.1 400 Bad Request", answer
+    assert b"content-type: application/json" in headers.lower() and b"x-request-id" in headers.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "incomplete_body" and f"after {cut_after} bytes" in error["message"]
+
+
 def test_a_compressed_body_is_415_naming_the_encoding(client: httpx.Client, gateway: GatewayProcess) -> None:
     """The gateway does not decode Content-Encoding: it says so, instead of calling gzip bad JSON."""
     body = gzip.compress(json.dumps(chat_body("api-chat")).encode())

@@ -223,14 +223,17 @@ def test_read_body_refuses_a_body_that_grows_over_the_limit(declared: int | None
     assert refused.value.code == "request_too_large"
 
 
-def test_read_body_of_a_client_that_leaves_is_client_gone() -> None:
+def test_a_body_cut_short_is_incomplete_body() -> None:
+    """granian ends a body in broken chunked framing as if the client had left: the answer says what happened."""
     messages = iter([{"type": "http.request", "body": b"abc", "more_body": True}, {"type": "http.disconnect"}])
 
     async def receive() -> dict[str, Any]:
         return next(messages)
 
-    with pytest.raises(ClientGone):
+    with pytest.raises(GatewayError) as info:
         run(read(receive, limit=1000, declared=10))
+    assert (info.value.code, info.value.status) == ("incomplete_body", 400)
+    assert "after 3 bytes" in info.value.message and info.value.headers == {"Connection": "close"}
 
 
 def paced(pieces: list[bytes], gaps_s: list[float]) -> Any:

@@ -140,6 +140,13 @@ CATALOG: Mapping[str, ErrorKind] = _kinds(
     (405, "method_not_allowed", _REQ, "The endpoint does not take this method.", "Use the method the endpoint takes."),
     (413, "request_too_large", _REQ, "The body is larger than `max_request_bytes`.", "Send a smaller body."),
     (
+        400,
+        "incomplete_body",
+        _REQ,
+        "The body ended before it was whole: shorter than its `Content-Length`, or in broken chunked framing.",
+        "Send the whole body, framed as its headers say.",
+    ),
+    (
         408,
         "request_timeout",
         _REQ,

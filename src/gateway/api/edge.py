@@ -153,7 +153,13 @@ async def read_body(receive: Any, limit: int, declared: int | None, stalls: Stal
 def _add_piece(message: Mapping[str, Any], chunks: list[bytes], size: int, limit: int) -> int:
     """Keep one ``http.request`` message's bytes; the body's size so far."""
     if message["type"] == "http.disconnect":
-        raise ClientGone("the client disconnected while sending the body")
+        # granian says this for a client that left and for broken chunked framing alike, and
+        # can still answer the latter: say why (nginx counts a cut body as 400 too).
+        raise GatewayError(
+            "incomplete_body",
+            f"The body ended after {size} bytes, before it was whole: the connection closed, or its chunked framing is broken.",
+            headers={"Connection": "close"},
+        )
     chunk = message.get("body", b"")
     if chunk:
         size += len(chunk)
