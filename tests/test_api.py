@@ -323,6 +323,21 @@ def test_wrong_key_is_refused(client: httpx.Client, gateway: GatewayProcess) -> 
     assert_envelope(client.get(f"{gateway.url}/v1/models/api-chat", headers=auth("sk-wrong")), 401, "invalid_api_key")
 
 
+@pytest.mark.parametrize("order", ["good first", "good last"])
+def test_two_authorization_headers_are_refused_whichever_comes_first(client: httpx.Client, gateway: GatewayProcess, order: str) -> None:
+    """A proxy in front may read either one: the gateway takes neither (RFC 9110 joins repeated fields)."""
+    pair = [("authorization", f"Bearer {CLIENT_KEY}"), ("authorization", "Bearer sk-other")]
+    headers = httpx.Headers(pair if order == "good first" else pair[::-1])
+    for response in (
+        client.post(f"{gateway.url}/v1/chat/completions", json=chat_body("api-chat"), headers=headers),
+        client.get(f"{gateway.url}/v1/models", headers=headers),
+        client.get(f"{gateway.url}/v1/gateway/status", headers=headers),
+    ):
+        error = assert_envelope(response, 401, "invalid_api_key")
+        assert CLIENT_KEY not in error["message"]
+    assert post_chat(client, gateway, chat_body("api-chat")).status_code == 200
+
+
 def test_no_keys_configured_refuses_everyone(
     gateway_factory: GatewayFactory, standin: StandIn, client: httpx.Client
 ) -> None:

@@ -39,10 +39,15 @@ SSE_HEADERS: Headers = [
 
 
 def header(scope: Mapping[str, Any], name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")  # type: ignore[no-any-return]
-    return None
+    """The field's value; a field sent more than once is its values joined by ", " (RFC 9110 §5.3).
+
+    Joined, not the first: of two ``Authorization`` headers, a proxy in front may
+    read the other one, so a repeated single-valued field is made invalid.
+    """
+    found = [value for key, value in scope["headers"] if key == name]
+    if not found:
+        return None
+    return b", ".join(found).decode("latin-1")
 
 
 def _too_large(limit: int) -> GatewayError:

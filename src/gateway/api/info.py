@@ -10,6 +10,7 @@ from litestar import Request, Response, get, route
 from litestar.datastructures import State
 from litestar.params import FromPath
 
+from gateway.api.edge import header
 from gateway.errors import GatewayError, catalog_rows
 from gateway.metrics import render
 from gateway.rules import CAPABILITIES, LIMIT_KEYS
@@ -55,7 +56,7 @@ def model_entry(alias: CompiledAlias, created: int) -> dict[str, Any]:
 @get("/v1/models", sync_to_thread=False)
 def list_models(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     snapshot = _serving(state)
-    identity = _gateway(state).holder.keys.authenticate(request.headers.get("authorization"))
+    identity = _gateway(state).holder.keys.authenticate(header(request.scope, b"authorization"))
     created = int(snapshot.loaded_at)
     data = [model_entry(alias, created) for alias in snapshot.aliases.values() if identity.may_use(alias.name)]
     return {"object": "list", "data": data}
@@ -64,7 +65,7 @@ def list_models(request: Request[Any, Any, State], state: State) -> dict[str, An
 @get("/v1/models/{alias:path}", sync_to_thread=False)
 def get_model(request: Request[Any, Any, State], state: State, alias: FromPath[str]) -> dict[str, Any]:
     snapshot = _serving(state)
-    identity = _gateway(state).holder.keys.authenticate(request.headers.get("authorization"))
+    identity = _gateway(state).holder.keys.authenticate(header(request.scope, b"authorization"))
     name = alias.lstrip("/")
     try:
         compiled = snapshot.lookup(name)
@@ -117,7 +118,7 @@ def _backend_rows(snapshot: Snapshot) -> list[dict[str, Any]]:
 def status(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     gateway = _gateway(state)
     holder = gateway.holder
-    holder.keys.authenticate(request.headers.get("authorization"))
+    holder.keys.authenticate(header(request.scope, b"authorization"))
     serving = holder.serving  # read once: a reload may swap it while this answer is built
     snapshot: Snapshot | None = serving.snapshot if serving else None
     live_reload = gateway.live_reload
