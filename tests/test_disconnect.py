@@ -129,17 +129,33 @@ def assert_clean_afterwards(client: httpx.Client, gateway: GatewayProcess, stand
     assert answer.status_code == 200, answer.text
 
 
+def requests_counted(client: httpx.Client, gateway: GatewayProcess, alias: str, status: str) -> float:
+    line = f'gateway_requests_total{{alias="{alias}",status="{status}"}} '
+    found = [row for row in client.get(f"{gateway.url}/metrics").text.splitlines() if row.startswith(line)]
+    return float(found[0].removeprefix(line)) if found else 0.0
+
+
+def counted_soon(client: httpx.Client, gateway: GatewayProcess, alias: str, status: str, expected: float) -> float:
+    """The count once it is ``expected``, or after 2 s: the handler counts as it unwinds, just after the upstream sees the cancel."""
+    deadline = time.monotonic() + 2.0
+    while (now := requests_counted(client, gateway, alias, status)) != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return now
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
 def test_leaving_before_the_first_byte_cancels_the_upstream_call(stream: bool, gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
     """A client that leaves while the upstream has not answered yet gets its upstream call closed within a second."""
     standin.script(upstream_id("hang"), [{"kind": "hang", "hang_s": 30}])
     calls_before, cancelled_before = upstream_calls(standin, "hang"), len(cancelled(standin, "hang"))
+    left_before = requests_counted(client, gateway, "hang", "499")
     raw = RawClient(gateway, chat_body("hang", stream))
     wait_for_upstream_call(standin, "hang", calls_before + 1)
     left_at = raw.leave()
     found = wait_for_cancellation(standin, "hang", cancelled_before + 1)
     assert len(found) == cancelled_before + 1
     assert found[-1]["t"] - left_at < CANCEL_WITHIN_S
+    assert counted_soon(client, gateway, "hang", "499", left_before + 1) == left_before + 1  # the README's metrics table
     assert_clean_afterwards(client, gateway, standin, "hang")
 
 
@@ -167,6 +183,8 @@ def test_leaving_mid_stream_cancels_the_upstream_call(gateway: GatewayProcess, s
     found = wait_for_cancellation(standin, "slow-stream", 1)
     assert len(found) == 1 and found[0]["t"] - left_at < CANCEL_WITHIN_S
     assert found[0]["chunks_sent"] < 20  # the other ~80 chunks were never generated
+    assert counted_soon(client, gateway, "slow-stream", "200", 1) == 1  # as its head said (the README's metrics table)
+    assert requests_counted(client, gateway, "slow-stream", "499") == 0
     assert_clean_afterwards(client, gateway, standin, "slow-stream")
 
 

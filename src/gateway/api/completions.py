@@ -14,6 +14,7 @@ the request id, never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -185,8 +186,9 @@ class CompletionService:
     async def _complete(self, send: Any, alias: Any, targets: Any, body: Any, kept: KeptBody | None, ticket: Ticket, extra: Headers) -> None:
         try:
             served = await self.dispatcher.complete(alias, targets, body, kept)
-        except BaseException:
+        except BaseException as exc:
             ticket.settle(None)
+            self._count_if_left(alias.name, exc)
             raise
         usage = served.answer.get("usage")
         ticket.settle(usage if isinstance(usage, dict) else None)
@@ -200,8 +202,9 @@ class CompletionService:
     ) -> None:
         try:
             start = await self.dispatcher.open_stream(alias, targets, body, kept)
-        except BaseException:
+        except BaseException as exc:
             ticket.settle(None)
+            self._count_if_left(alias.name, exc)
             raise
         served_alias = start.target.alias
         # The first event is in hand: it leaves with the head, below.
@@ -219,6 +222,13 @@ class CompletionService:
             await start.aclose()
             ticket.settle(relay.usage)
             self._count(alias.name, start.target, start.attempts, relay.usage)
+
+    def _count_if_left(self, requested: str, fault: BaseException) -> None:
+        # Cancelled before the answer began: the client left (or the worker is stopping), and
+        # the block that cancelled this ends quietly, counting nothing. Once the answer has
+        # begun, it counts as its head's 200 (README, metrics).
+        if isinstance(fault, asyncio.CancelledError):
+            self.metrics.inc("gateway_requests_total", alias=requested, status="499")
 
     def _count(self, requested: str, target: Any, attempts: list[Attempt], usage: Any) -> None:
         self.metrics.inc("gateway_requests_total", alias=requested, status="200")
