@@ -26,6 +26,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import attrs
 from hypothesis import strategies as st
 
+from gateway.config.load import GATEWAY_HEADERS
 from gateway.config.model import (
     MODALITIES,
     OUTPUT_MODALITIES,
@@ -45,6 +46,8 @@ Draw = Any  # hypothesis' draw function
 NAMES = st.from_regex(r"\A[a-z][a-z0-9]{0,6}(?:[.-][a-z0-9]{1,4}){0,2}\Z")
 IDENTIFIERS = st.from_regex(r"\A[a-z][a-z0-9_]{0,10}\Z")
 TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=24)
+# What a header value may hold (load.HEADER_VALUE): tab, visible ASCII and space, Latin-1's upper half.
+HEADER_VALUES = st.text(st.characters(codec="latin-1", exclude_categories=("Cc",)) | st.just("\t"), max_size=24)
 JSON_LEAVES = st.none() | st.booleans() | st.integers(-(10**6), 10**6) | TEXT
 TOML_LEAVES = st.booleans() | st.integers(-(10**6), 10**6) | st.floats(-1e6, 1e6, allow_nan=False) | TEXT
 TOML_VALUES = st.recursive(
@@ -105,7 +108,7 @@ DEFAULTS_OVERRIDES = {"max_images": SMALL_IMAGES, "max_image_bytes": SMALL_IMAGE
 BACKEND_OVERRIDES = {
     "base_url": st.sampled_from(["http://127.0.0.1:8000/v1", "https://api.example.test/v1", "http://[::1]:9/v1/"]),
     "api_key_env": st.none() | st.from_regex(r"\A[A-Z][A-Z0-9_]{0,12}\Z"),
-    "headers": st.dictionaries(st.from_regex(r"\A[A-Za-z][A-Za-z0-9-]{0,12}\Z"), TEXT, max_size=2),
+    "headers": st.dictionaries(st.from_regex(r"\A[A-Za-z][A-Za-z0-9-]{0,12}\Z").filter(lambda n: n.lower() not in GATEWAY_HEADERS), HEADER_VALUES, max_size=2),
     "retries": RETRIES,
     "max_queue": st.none() | st.integers(0, 64),
 }

@@ -94,6 +94,26 @@ def test_type_error_does_not_hide_a_value_error_in_the_same_alias() -> None:
     ]
 
 
+def test_refusals_of_backend_settings_repeat_no_value() -> None:
+    """A URL may hold credentials, a header a key, api_key_env a pasted key: no message shows them."""
+    text = "\n".join(rendered_issues((BAD_DIR / "bad_backends.toml").read_bytes()))
+    for secret in ("sk-or-FAKE-123", "secret-in-url", "X-Injected", "模"):
+        assert secret not in text
+
+
+def test_urls_with_credentials_ipv6_or_a_query_are_good_base_urls() -> None:
+    for url in ("http://user:pw@127.0.0.1:8000/v1", "https://[::1]:8443/v1/", "http://localhost/v1?api-version=1", "HTTP://127.0.0.1:1/v1"):
+        parse_config(GOOD_MINIMAL.replace(b"http://127.0.0.1:8000/v1", url.encode()))
+
+
+def test_a_byte_order_mark_is_no_part_of_the_file() -> None:
+    """Windows editors write one; the lines after it keep their numbers."""
+    assert parse_config(b"\xef\xbb\xbf" + GOOD_MINIMAL).models["qwen3-8b"].model == "qwen3-8b"
+    assert rendered_issues(b"\xef\xbb\xbf" + GOOD_MINIMAL.replace(b'model = "qwen3-8b"', b"model = 1")) == [
+        'models.toml:7: models."qwen3-8b".model: expected a string, got 1'
+    ]
+
+
 def test_nothing_is_coerced() -> None:
     """cattrs' lenient defaults are off: "false" is not False, 1 is not True, "5" is not 5."""
     for line, expected in (

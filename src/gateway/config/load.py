@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, get_origin
@@ -58,6 +60,16 @@ BARE_KEY = re.compile(r"[A-Za-z0-9_]+")
 NON_NEGATIVE_FIELDS = frozenset({"retries", "max_queue", "cost_per_mtok_usd"})
 # Keys whose problems make the alias's shape unknowable: its shape check is skipped then.
 SHAPE_KEYS = frozenset({"backend", "model", "route"})
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A header's name is an RFC 9110 token; its value holds no CR, LF or other control
+# character (one would start another header line) and is Latin-1, as HTTP/1.1 sends it.
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+# Set by the gateway on every upstream request: a second one from the file would
+# contradict it (two Content-Length headers desynchronise a kept-alive connection).
+GATEWAY_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect"}
+)
 
 
 def render_path(path: ConfigPath) -> str:
@@ -112,6 +124,9 @@ def _strict(kind: type[T], name: str, accept: tuple[type, ...]) -> Any:
     def hook(value: Any, _: Any) -> T:
         if type(value) not in accept:
             raise TypeError(f"expected {name}, got {_describe(value)}")
+        # TOML has nan and inf; no timeout, limit or price means either.
+        if type(value) is float and not math.isfinite(value):
+            raise TypeError(f"expected a finite number, got {_describe(value)}")
         return kind(value)  # type: ignore[call-arg]
 
     return hook
@@ -220,14 +235,58 @@ def _check_values(raw: Mapping[str, Any], cls: type, path: ConfigPath) -> Iterat
     """Value checks on the raw table; a value of the wrong type is left to the converter's report."""
     for field in attrs.fields(cls):
         value = raw.get(field.name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            continue  # the converter reports a wrong type and a nan or inf
         if field.metadata.get("positive") and value <= 0:
             yield ConfigIssue(path + (field.name,), f"must be a positive number, got {_describe(value)}")
         elif field.name in NON_NEGATIVE_FIELDS and value < 0:
             yield ConfigIssue(path + (field.name,), f"must be 0 or more, got {_describe(value)}")
     if cls is AliasSpec:
         yield from _check_alias_values(raw, path)
+    elif cls is Backend:
+        yield from _check_backend_values(raw, path)
+
+
+def _check_backend_values(raw: Mapping[str, Any], path: ConfigPath) -> Iterator[ConfigIssue]:
+    # No message repeats a value: a URL may hold credentials, a header a key, and
+    # api_key_env the key itself pasted where its variable's name belongs.
+    url = raw.get("base_url")
+    if isinstance(url, str):
+        problem = _url_problem(url)
+        if problem is not None:
+            yield ConfigIssue(path + ("base_url",), problem + "; for example http://127.0.0.1:8000/v1")
+    env = raw.get("api_key_env")
+    if isinstance(env, str) and not ENV_NAME.fullmatch(env):
+        yield ConfigIssue(
+            path + ("api_key_env",),
+            "must be the name of an environment variable (letters, digits and _) that holds the key, "
+            "not the key itself (the value is not shown here)",
+        )
+    headers = raw.get("headers")
+    for name, value in headers.items() if isinstance(headers, dict) else ():
+        at = path + ("headers", name)
+        if not HEADER_NAME.fullmatch(name):
+            yield ConfigIssue(at, "not a header name: letters, digits and - _ . and the like; no space, colon or line break")
+        elif name.lower() in GATEWAY_HEADERS:
+            yield ConfigIssue(at, f"the gateway sets {name} itself on every upstream request")
+        if isinstance(value, str) and not HEADER_VALUE.fullmatch(value):
+            yield ConfigIssue(at, "the value holds a line break or another control character, or a character outside Latin-1")
+
+
+def _url_problem(url: str) -> str | None:
+    """What keeps ``url`` from being a backend's base URL, or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a port that is no number or out of range, a broken [IPv6] host
+        return f"not a URL the gateway can call ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "must begin with http:// or https://" + (f", not {parts.scheme}://" if parts.scheme.isalnum() else "")
+    if not parts.hostname:
+        return "names no host"
+    if port == 0:
+        return "port 0 cannot be called"
+    return None
 
 
 def _check_alias_values(raw: Mapping[str, Any], path: ConfigPath) -> Iterator[ConfigIssue]:
@@ -242,11 +301,27 @@ def _check_alias_values(raw: Mapping[str, Any], path: ConfigPath) -> Iterator[Co
                 close = difflib.get_close_matches(modality, allowed, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 yield ConfigIssue(path + (key, i), f"unknown modality {modality!r}{hint}; one of {', '.join(allowed)}")
+    params = raw.get("params")
+    for at, value in _leaves(params, path + ("params",)) if isinstance(params, dict) else ():
+        if isinstance(value, float) and not math.isfinite(value):
+            yield ConfigIssue(at, f"{_describe(value)} cannot be sent: JSON has no nan or inf")
     latency = raw.get("cold_latency_s")
     if not isinstance(latency, list) or not all(_is_number(x) for x in latency):
         return  # a wrong type is the converter's to report
     if not 1 <= len(latency) <= 2 or latency != sorted(latency) or any(x < 0 for x in latency):
         yield ConfigIssue(path + ("cold_latency_s",), "expected [seconds] or [low, high] with 0 <= low <= high")
+
+
+def _leaves(value: Any, at: ConfigPath) -> Iterator[tuple[ConfigPath, Any]]:
+    """Every scalar inside ``value`` (tables and arrays walked), with its path."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _leaves(inner, at + (key,))
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            yield from _leaves(inner, at + (i,))
+    else:
+        yield at, value
 
 
 # ---------------------------------------------------------------- cross-checks
@@ -401,10 +476,17 @@ def _check_composite_limits(models: Mapping[str, AliasSpec], defaults: Defaults)
                 )
 
 
+def _is_clean_name(name: str) -> bool:
+    # Names reach logs, headers and tables, and clients type them: " x" and "x" must not both exist.
+    return bool(name) and name == name.strip() and name.isprintable()
+
+
 def _check_alias_rules(models: Mapping[str, AliasSpec]) -> Iterator[ConfigIssue]:
     """Keys of one alias that contradict each other or the gateway's own fields."""
     for name, spec in models.items():
         at: ConfigPath = ("models", name)
+        if spec.model is not None and not _is_clean_name(spec.model):
+            yield ConfigIssue(at + ("model",), "the model id must not be empty, begin or end with a space, or hold a control character")
         if spec.min_max_tokens is not None and spec.max_output_tokens is not None and spec.min_max_tokens > spec.max_output_tokens:
             yield ConfigIssue(
                 at + ("min_max_tokens",),
@@ -419,6 +501,8 @@ def _check_alias_rules(models: Mapping[str, AliasSpec]) -> Iterator[ConfigIssue]
                 yield ConfigIssue(at + ("rename", old), f"the gateway sets `{old if old in RESERVED_FIELDS else new}` itself; rename may not move it")
             elif old == new:
                 yield ConfigIssue(at + ("rename", old), "renames a field to itself")
+            elif not new.strip():
+                yield ConfigIssue(at + ("rename", old), "renames a field to an empty name")
             elif new in targets:
                 yield ConfigIssue(at + ("rename", old), f"`{targets[new]}` is renamed to {new!r} already")
             targets.setdefault(new, old)
@@ -546,6 +630,9 @@ SYNTAX_LINE = re.compile(r"at line (\d+)")
 
 def parse_config(data: bytes, source: str = "models.toml") -> Config:
     """Parse, structure and check the bytes of a models.toml; raise ``ConfigError`` with every issue."""
+    # Windows editors save UTF-8 with a byte-order mark, which TOML does not allow
+    # ("Invalid statement" at 1:1, naming no mark): it is no part of the text.
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -581,6 +668,8 @@ def parse_config(data: bytes, source: str = "models.toml") -> Config:
             value = None
         raw_names[table] = set(value or ())
         for name, entry in (value or {}).items():
+            if not _is_clean_name(name):
+                issues.append(ConfigIssue((table, name), "a name must not be empty, begin or end with a space, or hold a line break or another control character"))
             structured, bad = _structure(entry, cls, (table, name), issues)
             if structured is not None:
                 entries[table][name] = structured
