@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tomllib
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import free_port, gateway_env
+from harness import LOOPBACK, free_port, gateway_env, local_client, serving
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models.toml"
@@ -18,6 +21,8 @@ README = REPO / "README.md"
 BAD_DIR = Path(__file__).resolve().parent / "configs" / "bad"
 SEEDS_DIR = REPO.parent / "shared" / "seeds"
 CLI_TIMEOUT_S = 60
+# A `gateway serve` that refuses its address does so right after loading the config.
+REFUSAL_TIMEOUT_S = 15
 SHIPPED_TABLES = tomllib.loads(SHIPPED.read_text(encoding="utf-8"))
 SHIPPED_ALIASES = list(SHIPPED_TABLES["models"])
 
@@ -250,3 +255,61 @@ def test_serve_options_are_ones_granian_takes() -> None:
     assert (server.bind_addr, server.bind_port, server.workers) == ("127.0.0.1", 18080, 2)
     assert server.interface == Interfaces.ASGI
     assert server.respawn_failed_workers is True
+
+
+def one_backend_config(alias: str) -> str:
+    """A valid models.toml with one alias; its backend is never called (the tests only ask /healthz)."""
+    return f'[backends.local]\nbase_url = "http://{LOOPBACK}:9/v1"\n\n[models."{alias}"]\nbackend = "local"\nmodel = "{alias}"\n'
+
+
+def serve_expecting_refusal(config: Path, port: int, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `gateway serve` on `port`; fail the test if it is still serving after REFUSAL_TIMEOUT_S."""
+    argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--host", LOOPBACK, "--port", str(port)]
+    # Its own session: a gateway that did start is stopped with its granian workers.
+    process = subprocess.Popen(
+        argv, env=gateway_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=REFUSAL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"`gateway serve --port {port}` was still running after {REFUSAL_TIMEOUT_S} s:\n{stderr}")
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+def assert_refused_as_in_use(done: subprocess.CompletedProcess[str], port: int) -> None:
+    assert done.returncode == 1, done.stderr
+    expected = (
+        f"{LOOPBACK}:{port}: address already in use, likely by another gateway or server:"
+        " stop it or pick another --port; not serving."
+    )
+    assert done.stderr.splitlines() == [expected]
+
+
+def test_serve_refuses_the_port_of_a_running_gateway(tmp_path: Path) -> None:
+    """A second `gateway serve` on a running gateway's port exits 1 saying so; the first one serves on."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    second_config = tmp_path / "second" / "models.toml"
+    second_config.write_text(one_backend_config("second-alias"))
+    with serving(one_backend_config("first-alias"), tmp_path / "first") as first:
+        # Another config and other keys: without the check, granian's SO_REUSEPORT would share the port.
+        done = serve_expecting_refusal(second_config, first.port, {"GATEWAY_API_KEYS": "sk-other"})
+        assert_refused_as_in_use(done, first.port)
+        for _ in range(5):
+            with local_client() as fresh:  # a new connection each time
+                assert fresh.get(f"{first.url}/healthz").status_code == 200
+        assert first.process.is_running()
+
+
+def test_serve_refuses_a_port_a_plain_socket_listens_on(tmp_path: Path) -> None:
+    """`gateway serve` on a port held by a plain listening socket (no SO_REUSEPORT) exits 1 saying so."""
+    config = tmp_path / "models.toml"
+    config.write_text(one_backend_config("only-alias"))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        done = serve_expecting_refusal(config, port, {"GATEWAY_API_KEYS": "sk-other"})
+    assert_refused_as_in_use(done, port)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -119,9 +121,42 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def check_address_free(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served, or None when it is free.
+
+    granian binds with SO_REUSEPORT, so a second ``gateway serve`` on a port in use
+    does not fail: the kernel shares the port and splits connections between the two
+    servers, and clients get one configuration or the other at random. A plain bind
+    without SO_REUSEPORT fails on any listening socket there. SO_REUSEADDR, which
+    granian sets too, lets a port whose old connections wait in TIME_WAIT count as free.
+    """
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            # "address already in use" is also what tests/harness.py retries a start on.
+            return (
+                f"{address}: address already in use, likely by another gateway or server:"
+                " stop it or pick another --port; not serving."
+            )
+        return f"{address}: cannot listen there: {exc.strerror or exc}; not serving."
+    except OverflowError as exc:  # a port outside 0-65535
+        return f"{address}: cannot listen there: {str(exc).rstrip('.')}; not serving."
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     path = _config_path(args.config).absolute()
     if _load_or_report(path, "not serving.") is None:
+        return 1
+    # Port 0 asks for any free port: nothing to collide with.
+    problem = check_address_free(args.host, args.port) if args.port != 0 else None
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 1
     from gateway.supervisor import GatewayGranian as Granian
 
