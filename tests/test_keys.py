@@ -280,3 +280,37 @@ def test_broken_keys_file_keeps_the_last_good_keys(
         time.sleep(POLL_S)
     assert "keys.toml" in str(status.get("last_error"))
     assert chat(client, gateway.url, alice, "alpha").status_code == 200
+
+
+def wait_for_last_error(client: httpx.Client, url: str, key: str, present: bool) -> dict[str, object]:
+    deadline = time.monotonic() + RELOAD_WAIT_S
+    status: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        status = client.get(f"{url}/v1/gateway/status", headers=bearer(key)).json()
+        if bool(status.get("last_error")) == present:
+            break
+        time.sleep(POLL_S)
+    return status
+
+
+def test_a_keys_file_that_vanishes_keeps_its_keys_and_says_so(
+    tmp_path: Path, standin: StandIn, gateway_factory: GatewayFactory, client: httpx.Client
+) -> None:
+    """rm keys.toml (a slip, or an editor saving by delete-and-write) locks no one out, and is shown where
+    a bad edit is; the file back as it was clears that."""
+    (tmp_path / "models.toml").write_text(models_toml(standin))
+    alice = run_cli("add", "alice", cwd=tmp_path).stdout.strip()
+    gateway = gateway_factory(models_toml(standin), env={"GATEWAY_API_KEYS": ""})
+    assert chat(client, gateway.url, alice, "alpha").status_code == 200
+
+    keys = tmp_path / "keys.toml"
+    kept = keys.read_bytes()
+    keys.unlink()
+    status = wait_for_last_error(client, gateway.url, alice, present=True)
+    assert "keys file is gone" in str(status.get("last_error")), status
+    assert client.get(f"{gateway.url}/readyz").json()["reload_error"] is True
+    assert chat(client, gateway.url, alice, "alpha").status_code == 200
+
+    keys.write_bytes(kept)
+    assert wait_for_last_error(client, gateway.url, alice, present=False).get("last_error") is None
+    assert chat(client, gateway.url, alice, "alpha").status_code == 200

@@ -88,6 +88,22 @@ def _hash_file(path: Path | None) -> str | None:
         return UNREADABLE
 
 
+# Some editors save by deleting the file and writing it anew, and a slip with rm or mv
+# would lock every file key out with nothing shown: a keys file that vanishes is kept,
+# as a models.toml that vanishes is. At startup a missing one is only not written yet.
+KEYS_FILE_GONE = (
+    "the keys file is gone; the keys last read from it still authenticate. Revoke a key with "
+    "`gateway keys revoke`; to stop using the file, remove [auth] keys_file from models.toml"
+)
+
+
+def _keys_file_gone(keys_path: Path | None, serving: Serving | None) -> bool:
+    """Whether the keys file that serving keys were read from no longer exists."""
+    if keys_path is None or serving is None or keys_path != serving.keys_path:
+        return False
+    return serving.keys_hash not in (None, UNREADABLE) and not keys_path.exists()
+
+
 def _read_if_present(path: Path | None) -> bytes | None:
     if path is None:
         return None
@@ -185,6 +201,8 @@ class SnapshotHolder:
             keys_path = keys_file_path(config, path)
             keys_bytes = _read_if_present(keys_path)
             keys_hash = _hash_file(keys_path)
+            if _keys_file_gone(keys_path, serving):
+                raise ConfigError(str(keys_path), [ConfigIssue((), KEYS_FILE_GONE)])
             keys = build_keyring(config, path, self.environ)
             snapshot = build_snapshot(config, source=str(path), content_hash=content_hash, environ=self.environ)
         except ConfigError as exc:
