@@ -44,6 +44,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     print(f"{path}: OK, {len(config.models)} aliases, {len(config.backends)} backends")
+    # Not a problem of the file (the gateway's environment may differ from this shell's), but
+    # the first thing to know when a cloud alias answers 503 backend_not_configured.
+    for name, backend in config.backends.items():
+        if backend.api_key_env and not os.environ.get(backend.api_key_env):
+            print(f"note: backends.{name}: {backend.api_key_env} is not set in this environment; "
+                  "where the gateway runs without it, its aliases answer 503 backend_not_configured")
     return 0
 
 
