@@ -183,7 +183,8 @@ notes = "local eyes"
 backend = "cloud"
 model = "m2"
 input = ["text", "image"]
-notes = "cloud eyes"
+notes = '''cloud
+eyes'''
 
 [models."words"]
 backend = "box"
@@ -206,6 +207,10 @@ cold_latency_s = [5]
         ("paint", "paints"),
     ]
     assert markdown_rows(done.stdout, "### Image generation") == [("paint", "vendor/paint-1", "5 s", "-")]
+    # Notes over two lines still make one row of each table.
+    assert "| see-cloud | cloud eyes |" in done.stdout.splitlines()
+    text = gateway_cli("models", cwd=tmp_path).stdout.splitlines()
+    assert len(text) == 1 + 4 and text[2].split()[-2:] == ["cloud", "eyes"]
 
 
 def test_readme_alias_tables_are_the_models_markdown() -> None:

@@ -64,9 +64,14 @@ def alias_rows(config: Config) -> list[list[str]]:
             ", ".join(sorted(rules.input)),
             ", ".join(sorted(rules.output)),
             _limits(config, alias),
-            config.models[alias].notes,
+            _one_line(config.models[alias].notes),
         ])
     return rows
+
+
+def _one_line(text: str) -> str:
+    # Notes may span lines (a TOML multi-line string); a table row may not.
+    return " ".join(text.split())
 
 
 def render_text(rows: list[list[str]]) -> str:
@@ -113,11 +118,11 @@ def seed_markdown(config: Config) -> str:
             image_out.append(alias)
             continue
         name = f"{alias} (local)" if is_local(config, alias) else alias
-        vision.append(f"| {name} | {config.models[alias].notes} |")
+        vision.append(f"| {name} | {_one_line(config.models[alias].notes)} |")
     # The seed gives image-output aliases one row when they share their notes.
     by_notes: dict[str, list[str]] = {}
     for alias in image_out:
-        by_notes.setdefault(config.models[alias].notes, []).append(alias)
+        by_notes.setdefault(_one_line(config.models[alias].notes), []).append(alias)
     for notes, aliases in by_notes.items():
         vision.append(f"| {', '.join(aliases)} | {notes} |")
 
