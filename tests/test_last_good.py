@@ -6,12 +6,14 @@ These tests prove it serves the copy of the last good load instead of nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import CLIENT_KEY, GatewayFactory, backend_toml
 from gateway.reload import LAST_GOOD_ENV, SnapshotHolder
@@ -27,7 +29,7 @@ model = "kept-model"
 BROKEN = GOOD + '\n[models."typo"]\nbackend = "local"\nmodel = "x"\ncontex_window = 5\n'
 
 
-def test_a_fresh_holder_serves_the_last_good_copy_and_shows_the_error(tmp_path: Path) -> None:
+def test_a_fresh_holder_serves_the_last_good_copy_and_shows_the_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A new holder (a respawned worker) on a broken file serves the copy of the last good load."""
     config = tmp_path / "models.toml"
     config.write_text(GOOD)
@@ -38,7 +40,10 @@ def test_a_fresh_holder_serves_the_last_good_copy_and_shows_the_error(tmp_path: 
 
     config.write_text(BROKEN)
     respawned = SnapshotHolder(config, environ=environ)
-    assert not respawned.load()
+    with caplog.at_level(logging.ERROR, logger="gateway.reload"):
+        assert not respawned.load()
+    # Its error says what comes next, not that nothing serves.
+    assert "this worker starts on the last good copy" in caplog.text and "nothing is serving" not in caplog.text
     assert respawned.load_last_good()
     assert respawned.current is not None and set(respawned.current.aliases) == {"kept"}
     assert respawned.last_error is not None and "contex_window" in respawned.last_error
@@ -48,12 +53,14 @@ def test_a_fresh_holder_serves_the_last_good_copy_and_shows_the_error(tmp_path: 
     assert set(respawned.current.aliases) == {"fixed"} and respawned.last_error is None
 
 
-def test_without_a_last_good_folder_a_broken_start_serves_nothing(tmp_path: Path) -> None:
+def test_without_a_last_good_folder_a_broken_start_serves_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Outside `gateway serve` (no folder named) there is no copy to fall back to."""
     config = tmp_path / "models.toml"
     config.write_text(BROKEN)
     holder = SnapshotHolder(config, environ={})
-    assert not holder.load() and not holder.load_last_good() and holder.current is None
+    with caplog.at_level(logging.ERROR, logger="gateway.reload"):
+        assert not holder.load() and not holder.load_last_good() and holder.current is None
+    assert "nothing is serving" in caplog.text
 
 
 def _wait_for(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]

@@ -274,7 +274,12 @@ class SnapshotHolder:
         # must not repeat the message: it is logged when it changes (or on SIGHUP).
         if message != self.last_error or repeat_log:
             serving = self.current
-            keeps = f"hash {serving.content_hash[:12]} keeps serving" if serving else "nothing is serving"
+            if serving is not None:
+                keeps = f"hash {serving.content_hash[:12]} keeps serving"
+            elif self.last_good_dir is not None and (self.last_good_dir / LAST_GOOD_NAME).is_file():
+                keeps = "this worker starts on the last good copy"  # load_last_good follows
+            else:
+                keeps = "nothing is serving"
             log.error("[pid %d] configuration not loaded, %s:\n%s", os.getpid(), keeps, message)
             self.metrics.inc("gateway_config_reloads_total", result="error")
         self.last_error, self.last_error_at = message, time.time()
