@@ -7,6 +7,7 @@ and rely on the gateway's live reload to pick up added and revoked keys.
 
 from __future__ import annotations
 
+import logging
 import re
 import stat
 import subprocess
@@ -150,6 +151,21 @@ def test_keyring_combines_env_keys_and_the_file(tmp_path: Path) -> None:
     with pytest.raises(GatewayError) as revoked:
         ring.authenticate(f"Bearer {bob}")
     assert revoked.value.code == "invalid_api_key"
+
+
+def test_a_key_allowed_an_alias_the_config_lost_is_logged_not_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Renaming an alias drops it from keys' allow-lists: say so, name the key, and keep the key working."""
+    carol = new_key()
+    write_keys_file(tmp_path / "keys.toml", {
+        "carol": KeyEntry(hash=hash_key(carol), models=("alpha", "renamed")),
+        "dave": KeyEntry(hash=hash_key(new_key()), models=("gone",), enabled=False),
+    })
+    config = parse_config(b'[auth]\nkeys_file = "keys.toml"\n[backends.b]\nbase_url = "http://127.0.0.1:9"\n[models.alpha]\nbackend = "b"\nmodel = "m"\n')
+    with caplog.at_level(logging.WARNING, logger="gateway.keys"):
+        ring = build_keyring(config, tmp_path / "models.toml", {})
+    assert ring.authenticate(f"Bearer {carol}").may_use("alpha")
+    assert [r.getMessage() for r in caplog.records] == ["key 'carol' may use 'renamed', which models.toml no longer has"]
+    assert carol not in caplog.text
 
 
 @pytest.mark.parametrize(

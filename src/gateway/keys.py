@@ -75,6 +75,12 @@ def build_keyring(config: Config, config_path: Path, environ: Mapping[str, str])
     entries = read_keys_file(path) if path is not None else {}
     if path is not None and not path.exists():
         log.warning("the keys file %s does not exist yet: only GATEWAY_API_KEYS keys are accepted", path)
+    for name, entry in entries.items():
+        # Not an error: the alias may come back, and the key keeps its other aliases. But an
+        # operator who renamed an alias should hear that a key lost it.
+        gone = sorted(set(entry.models or ()) - set(config.models))
+        if gone and entry.enabled:
+            log.warning("key %r may use %s, which models.toml no longer has", name, ", ".join(repr(alias) for alias in gone))
     from_file = {digest: identity for digest, identity in file_identities(entries)}
     return KeyRing.from_env_keys(env_keys, required=config.auth.required, extra=from_file)
 
