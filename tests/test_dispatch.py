@@ -756,6 +756,53 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
     assert Dispatcher._retry_wait_s(routing, 1, None, 0.001) is None
 
 
+def reloaded(models: str, *, base_url: str = BASE_URL, headers: str = "", key: str = SECRET, cooldown_s: float = 60) -> Snapshot:
+    """A snapshot as a reload would build it, with the backend's connection settings given."""
+    text = config_text(models, "cooldown_failures = 1\n").replace("cooldown_s = 0.4", f"cooldown_s = {cooldown_s}")
+    text = text.replace(f'base_url = "{BASE_URL}"', f'base_url = "{base_url}"' + (f"\nheaders = {headers}" if headers else ""))
+    return build_snapshot(parse_config(text.encode()), environ={"UNIT_KEY": key})
+
+
+def test_target_health_key_changes_with_where_calls_go_only() -> None:
+    """A target's health key changes with its base URL, key or headers, not with other edits, and never holds the key."""
+    first = reloaded(alias("a")).lookup("a").targets[0].key
+    same = [
+        reloaded(alias("a")),
+        reloaded(alias("a") + alias("other")),
+        reloaded(alias("a", timeout_s=0.5, retries=3)),
+    ]
+    assert all(snapshot.lookup("a").targets[0].key == first for snapshot in same)
+    changed = [
+        reloaded(alias("a"), base_url="http://127.0.0.1:9/v1"),
+        reloaded(alias("a"), key="sk-the-right-key-987654321"),
+        reloaded(alias("a"), headers='{ "x-tenant" = "blue" }'),
+    ]
+    keys = [snapshot.lookup("a").targets[0].key for snapshot in changed]
+    assert all(key[:2] == ("b", "a") for key in keys) and len({first, *keys}) == 4
+    assert not any(SECRET in part or "hunter2" in part for key in (first, *keys) for part in key)
+    assert same[1].target_keys == {first, same[1].lookup("other").targets[0].key}
+
+
+def test_a_reload_that_fixes_a_backend_starts_its_cooled_target_afresh() -> None:
+    """A target cooled on a wrong base URL is called at once after a reload fixes the URL; an edit of another
+    alias keeps it cooled; the status shows only the serving target's state."""
+    broken_url = "http://127.0.0.1:9/v1"
+    h = Harness(reloaded(alias("a"), base_url=broken_url), HealthBoard(serving_keys=lambda: h.snapshot.target_keys))
+    h.upstream.script("a", h.upstream.fail(httpx.ConnectError("connection refused")))
+    assert run(h.fail("a")).code == "upstream_error"
+    assert run(h.fail("a")).code == "no_healthy_backend" and h.upstream.count("a") == 1
+    h.snapshot = reloaded(alias("a") + alias("other"), base_url=broken_url)  # an unrelated edit
+    assert run(h.fail("a")).code == "no_healthy_backend" and h.upstream.count("a") == 1
+    (row,) = h.health.report()
+    assert row["state"] == "cooling_down" and str(row["last_error"]).startswith("connect")
+    h.snapshot = reloaded(alias("a") + alias("other"))  # the URL fixed
+    h.upstream.script("a", h.upstream.ok())
+    assert run(h.complete("a")).target.alias == "a" and h.upstream.count("a") == 2
+    (row,) = h.health.report()
+    assert (row["model"], row["state"], row["last_error"], row["failures"]) == ("a", "healthy", None, 0)
+    assert not any(SECRET in str(value) for value in row.values()) and "fingerprint" not in row
+
+
 def test_health_probe_window_expires_so_a_lost_probe_cannot_block_forever() -> None:
     """A probe that never reports is forgotten after its window, and the next caller probes."""
     board = HealthBoard()

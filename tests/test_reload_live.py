@@ -310,6 +310,64 @@ def test_a_changed_backend_takes_effect_for_new_requests_only(
     assert seen_versions()[0] == "1"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fixing_a_refused_backend_serves_at_once_and_other_edits_keep_it_cooled(
+    workers: int, standin: StandIn, gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """A backend on a closed port cools down; an edit of another alias keeps it cooled; the write that fixes
+    its base_url makes the next request 200, not 503 for the rest of the cooldown, and the status healthy."""
+    model = f"fixed-backend-{os.getpid()}-{time.monotonic_ns()}"
+    path = tmp_path / "models.toml"
+
+    def config(base_url: str, *others: str) -> str:
+        routing = "[routing]\ncooldown_failures = 3\ncooldown_s = 60\n\n"
+        backend = f'[backends.fixme]\nbase_url = "{base_url}"\napi_key_env = "STANDIN_KEY"\nconnect_timeout_s = 1\n'
+        fixme = f'\n[models."fixme"]\nbackend = "fixme"\nmodel = "{model}"\nretries = 0\n'
+        return routing + aliases_toml(standin, "bystander", *others) + backend + fixme
+
+    def rewrite(text: str) -> None:
+        """Save ``text`` and wait until every worker serves it."""
+        write_config(path, text, "replace")
+        new_hash = hashlib.sha256(text.encode()).hexdigest()
+        serving: set[int] = set()
+
+        def all_serving() -> bool:
+            with local_client(timeout_s=5.0) as fresh:  # a new connection each time: any worker may answer
+                ready = fresh.get(f"{gateway.url}/readyz", headers={"connection": "close"}).json()
+            if ready["config_hash"] == new_hash:
+                serving.add(ready["pid"])
+            return len(serving) == workers
+
+        wait_for(all_serving, 15.0, f"{workers} worker(s) serving the new file")
+
+    def rows(client: httpx.Client) -> list[dict[str, Any]]:
+        return [row for row in status(client, gateway)["targets"] if row["model"] == model]
+
+    closed = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    gateway = gateway_factory(config(closed), workers=workers)
+    if workers > 1:
+        gateway.wait_for_workers(workers)
+    with local_client(timeout_s=10.0) as client:
+        assert [chat(client, gateway, "fixme").status_code for _ in range(4)] == [502, 502, 502, 503]
+        (row,) = rows(client)
+        assert row["state"] == "cooling_down" and row["last_error"].startswith("connect")
+
+    rewrite(config(closed, "newcomer"))  # an unrelated edit: the target is the same, and stays cooled
+    with local_client(timeout_s=10.0) as client:
+        assert chat(client, gateway, "newcomer").status_code == 200
+        refused = chat(client, gateway, "fixme")
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "no_healthy_backend"
+        assert [(row["state"], row["failures"]) for row in rows(client)] == [("cooling_down", 3)]
+
+    rewrite(config(standin.base_url, "newcomer"))  # the operator fixes base_url
+    with local_client(timeout_s=10.0) as client:  # one connection: the worker that served answers the status
+        served = chat(client, gateway, "fixme")
+        assert served.status_code == 200, served.text
+        assert served.headers["x-gateway-served-by"] == "fixme" and served.headers["x-gateway-attempts"] == "1"
+        assert [(row["state"], row["last_error"], row["consecutive_failures"]) for row in rows(client)] == [("healthy", None, 0)]
+    assert [r["model"] for r in standin.requests()].count(model) == 1
+
+
 # ---------------------------------------------------------------- SIGHUP, workers, startup
 
 

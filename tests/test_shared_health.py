@@ -25,7 +25,8 @@ from gateway.health import HealthBoard
 from gateway.shared_health import ENTRY, SharedHealth
 from harness import StandIn, local_client
 
-KEYS = [("spark", "qwen"), ("cloud", "gemma"), ("cloud", "gpt")]
+# (backend, model, connection fingerprint), as ``Target.key`` makes them.
+KEYS = [("spark", "qwen", "f1"), ("cloud", "gemma", "f2"), ("cloud", "gpt", "f2")]
 EVENTS = st.lists(
     st.tuples(st.sampled_from(["admit", "failed", "succeeded", "pause", "released", "cooling_for"]), st.sampled_from(KEYS)),
     max_size=30,
@@ -38,7 +39,7 @@ def states(board: HealthBoard) -> list[tuple[object, ...]]:
 
 @settings(max_examples=60, deadline=None)
 @given(events=EVENTS)
-def test_the_shared_table_keeps_the_boards_rules(events: list[tuple[str, tuple[str, str]]], tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_the_shared_table_keeps_the_boards_rules(events: list[tuple[str, tuple[str, str, str]]], tmp_path_factory: pytest.TempPathFactory) -> None:
     """Any sequence of events gives the same answers and the same report from either store. Cooldowns
     are long, so the two boards' clocks, read a moment apart, cannot disagree."""
     local, shared = HealthBoard(), HealthBoard(SharedHealth(tmp_path_factory.mktemp("health")))
@@ -85,12 +86,34 @@ def test_two_workers_count_failures_together_and_share_the_cooldown(tmp_path: Pa
 
 def test_long_names_and_errors_are_kept_cut_at_a_character(tmp_path: Path) -> None:
     board = HealthBoard(SharedHealth(tmp_path))
-    key = ("cloud", "m" * 300)
+    key = ("cloud", "m" * 300, "f1")
     board.failed(key, "é" * 400, failures_to_cool=1, cooldown_s=60)
-    assert board.admit(key, 5) > 0 and board.admit(("cloud", "m" * 299), 5) == 0
+    assert board.admit(key, 5) > 0 and board.admit(("cloud", "m" * 299, "f1"), 5) == 0
     (row,) = HealthBoard(SharedHealth(tmp_path)).report()
     assert row["backend"] == "cloud" and row["model"] == "m" * (128 - len("cloud") - 1)
     assert row["last_error"] == "é" * 128
+
+
+def test_workers_on_old_and_new_connections_count_apart_and_report_what_they_serve(tmp_path: Path) -> None:
+    """Two workers a reload apart: the one still on the old URL keeps that target cooled, the one on the
+    fixed URL calls its new target at once, and each status shows its own serving target only."""
+    old, new = ("spark", "qwen", "old-url"), ("spark", "qwen", "fixed-url")
+    before = HealthBoard(SharedHealth(tmp_path), serving_keys=lambda: {old})
+    after = HealthBoard(SharedHealth(tmp_path), serving_keys=lambda: {new})
+    before.failed(old, "connect: connection refused", failures_to_cool=1, cooldown_s=60)
+    assert before.admit(old, 5) > 0 and after.admit(new, 5) == 0
+    after.succeeded(new)
+    assert [(row["state"], row["last_error"]) for row in before.report()] == [("cooling_down", "connect: connection refused")]
+    assert [(row["state"], row["last_error"], row["successes"]) for row in after.report()] == [("healthy", None, 1)]
+    assert list(HealthBoard(SharedHealth(tmp_path), serving_keys=lambda: None).report())  # nothing serving: all known
+
+
+def test_a_serving_target_with_a_long_name_is_reported_by_its_key(tmp_path: Path) -> None:
+    """The report reads a serving target by its whole key, so a name cut short in the table still shows."""
+    key = ("cloud", "m" * 300, "f1")
+    HealthBoard(SharedHealth(tmp_path)).failed(key, "down", failures_to_cool=1, cooldown_s=60)
+    (row,) = HealthBoard(SharedHealth(tmp_path), serving_keys=lambda: {key}).report()
+    assert (row["model"], row["state"], row["last_error"]) == ("m" * 300, "cooling_down", "down")
 
 
 def test_a_full_table_keeps_what_it_cannot_hold_in_the_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -102,7 +125,7 @@ def test_a_full_table_keeps_what_it_cannot_hold_in_the_worker(tmp_path: Path, mo
             board.failed(key, "down", failures_to_cool=1, cooldown_s=60)
     assert all(board.admit(key, 5) > 0 for key in KEYS)
     assert "shared table is full" in caplog.text
-    assert {(row["backend"], row["model"]) for row in board.report()} == set(KEYS)
+    assert {(row["backend"], row["model"]) for row in board.report()} == {key[:2] for key in KEYS}
 
 
 def test_one_process_keeps_its_own(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

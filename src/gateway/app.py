@@ -173,7 +173,10 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
     if not holder.load():
         holder.load_last_good()
     # Workers of one `gateway serve` judge targets together (each on its own in one process).
-    state = GatewayState(holder=holder, metrics=metrics, health=HealthBoard(SharedHealth.from_environment()))
+    # The status shows the targets this worker's serving configuration calls, not those a reload replaced.
+    serving_keys = lambda: (holder.current.target_keys if holder.current else None)
+    health = HealthBoard(SharedHealth.from_environment(), serving_keys)
+    state = GatewayState(holder=holder, metrics=metrics, health=health)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -1,7 +1,14 @@
 """Per-target health: consecutive failures, cooldowns and probes (SPEC §6).
 
 A target is a (backend, upstream model) pair, so one failing model does not cool
-down its whole backend. The board lives for the whole process, across reloads.
+down its whole backend, and its health is keyed by that pair *and* a fingerprint
+of where its calls go (``Target.key``: base URL, key, headers). The board lives
+for the whole process, across reloads: a reload that leaves a target's connection
+alone keeps its state (a failing target stays cooled whatever else was edited),
+while one that changes it (an operator fixing a wrong ``base_url`` or key) makes a
+new upstream, which starts healthy instead of waiting out the old one's cooldown.
+Nothing has to be forgotten at the swap, so workers that reload a moment apart
+never reset each other's state: an old and a new configuration count apart.
 
 1. Each failed call counts; ``cooldown_failures`` failures in a row cool the
    target down for ``cooldown_s``: the dispatcher skips it without a call. An
@@ -21,18 +28,24 @@ Where the state lives is the board's ``store``: this process's memory, or with
 the workers count one target's failures together, skip it together and send it
 one probe between them. Successes are counted per worker: a success on a
 healthy target then costs no write to the table.
+
+The report (``GET /v1/gateway/status``) shows the targets the serving
+configuration calls, when the board is told which (``serving_keys``): the state
+of a connection a reload replaced is kept but no longer shown, so the old URL's
+error does not linger beside the new one. Rows never show the fingerprint.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 import attrs
 
-TargetKey = tuple[str, str]
+# (backend, upstream model, connection fingerprint): see ``gateway.snapshot.Target.key``.
+TargetKey = tuple[str, str, str]
 
 
 @attrs.define
@@ -50,6 +63,9 @@ class HealthStore(Protocol):
         """The target's state as last written (its last error may be left out), or None if it has none;
         read without waiting for writers, to decide whether there is anything to change."""
 
+    def read(self, key: TargetKey) -> TargetHealth | None:
+        """The target's whole state (its last error too), or None if it has none; for the report."""
+
     def change(self, key: TargetKey) -> AbstractContextManager[TargetHealth]:
         """The target's state to change; written back at the end, no other change in between."""
 
@@ -65,6 +81,9 @@ class LocalHealth:
     def peek(self, key: TargetKey) -> TargetHealth | None:
         return self._targets.get(key)
 
+    def read(self, key: TargetKey) -> TargetHealth | None:
+        return self._targets.get(key)
+
     @contextmanager
     def change(self, key: TargetKey) -> Iterator[TargetHealth]:
         health = self._targets.get(key)
@@ -77,9 +96,14 @@ class LocalHealth:
 
 
 class HealthBoard:
-    def __init__(self, store: HealthStore | None = None) -> None:
+    def __init__(
+        self, store: HealthStore | None = None, serving_keys: Callable[[], Collection[TargetKey] | None] | None = None
+    ) -> None:
+        """``serving_keys``: the keys of the targets the serving configuration calls (None while
+        nothing serves); read only by ``report``. Without it the report shows every target known."""
         self._store: HealthStore = store or LocalHealth()
         self._successes: dict[TargetKey, int] = {}
+        self._serving_keys = serving_keys
 
     def admit(self, key: TargetKey, probe_window_s: float, now: float | None = None) -> float:
         """0 when the target may be called now, else the seconds it stays skipped.
@@ -146,12 +170,28 @@ class HealthBoard:
             health.cooled_until = until
             health.cooldowns += 1
 
+    def _known(self) -> dict[TargetKey, TargetHealth]:
+        """The targets to report: those serving (each read by its key, so a name cut short in the
+        shared table still matches), or without that list every one with a state or a success."""
+        serving = self._serving_keys() if self._serving_keys is not None else None
+        if serving is None:
+            states = dict(self._store.items())
+            for key in self._successes.keys() - states.keys():
+                states[key] = TargetHealth()
+            return states
+        states = {}
+        for key in serving:
+            health = self._store.read(key)
+            if health is not None:
+                states[key] = health
+            elif key in self._successes:
+                states[key] = TargetHealth()
+        return states
+
     def report(self) -> Iterator[dict[str, object]]:
         now = time.monotonic()
-        states = dict(self._store.items())
-        for key in self._successes.keys() - states.keys():
-            states[key] = TargetHealth()
-        for (backend, model), health in sorted(states.items()):
+        for key, health in sorted(self._known().items()):
+            backend, model = key[0], key[1]  # never the fingerprint: it is derived from the backend's key
             if health.cooled_until == 0.0:
                 state = "healthy"
             elif now < health.cooled_until:
@@ -164,7 +204,7 @@ class HealthBoard:
                 "state": state,
                 "cooldown_remaining_s": round(max(0.0, health.cooled_until - now), 3),
                 "consecutive_failures": health.failures,
-                "successes": self._successes.get((backend, model), 0),  # this worker's
+                "successes": self._successes.get(key, 0),  # this worker's
                 "failures": health.total_failures,
                 "cooldowns": health.cooldowns,
                 "last_error": health.last_error,

@@ -8,8 +8,11 @@ in a table that every worker maps from the run's private directory
 
 Layout: ``ENTRIES`` entries. A target lives at the first entry along its probe
 from its digest's position that holds it or is empty; entries are never freed
-(a run meets a few targets per alias it ever served). The key's text is kept in
-the entry, so that any worker's status can name a target another worker cooled.
+(a run meets a few targets per alias it ever served, and only a target that
+failed is given one: an edit of a backend's connection adds entries for its
+targets only once they fail). The key's text (backend, model, fingerprint, cut
+at 128 bytes) is kept in the entry, so that any worker's status can name a target
+another worker cooled; lookups go by the digest of the whole key, never the text.
 
 Reads (``peek``) take no lock: the board reads to decide whether there is
 anything to do, which for a healthy target there is not, and then changes the
@@ -89,6 +92,12 @@ class SharedHealth:
         _, failures, cooled, probe, total, cooldowns = NUMBERS.unpack_from(self._table, offset)
         return TargetHealth(failures, cooled, probe, None, total, cooldowns)
 
+    def read(self, key: TargetKey) -> TargetHealth | None:
+        offset = self._find(key, claim=False)
+        if offset is None:
+            return self._overflow.read(key)
+        return self._read(offset)[1]
+
     @contextmanager
     def change(self, key: TargetKey) -> Iterator[TargetHealth]:
         fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
@@ -134,16 +143,17 @@ class SharedHealth:
                 self._offsets[key] = offset
                 return offset
         if claim:
-            log.warning("target health: the workers' shared table is full; %s/%s is kept in this worker", *key)
+            log.warning("target health: the workers' shared table is full; %s/%s is kept in this worker", key[0], key[1])
         return None
 
     def _read(self, offset: int) -> tuple[TargetKey | None, TargetHealth]:
         digest, failures, cooled, probe, total, cooldowns, key_text, error = ENTRY.unpack_from(self._table, offset)
         if digest == EMPTY_DIGEST:
             return None, TargetHealth()
-        backend, _, model = key_text.rstrip(b"\0").decode(errors="replace").partition(_SEPARATOR)
+        backend, _, rest = key_text.rstrip(b"\0").decode(errors="replace").partition(_SEPARATOR)
+        model, _, fingerprint = rest.partition(_SEPARATOR)
         last_error = error.rstrip(b"\0").decode(errors="replace") or None
-        return (backend, model), TargetHealth(failures, cooled, probe, last_error, total, cooldowns)
+        return (backend, model, fingerprint), TargetHealth(failures, cooled, probe, last_error, total, cooldowns)
 
     def _write(self, offset: int, key: TargetKey, health: TargetHealth) -> None:
         # Only ever after ``_find`` placed the key, which kept its digest.

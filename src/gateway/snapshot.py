@@ -15,11 +15,15 @@ Derived at load time, per alias:
    a composite's own ``timeout_s`` when it sets one, else the sum of its
    targets' totals (a target's own ``timeout_s`` is that one attempt's bound,
    not the plan's, so its fallbacks still get their time).
+4. Each target's health key (``Target.key``): backend, model and a fingerprint
+   of its connection, so a reload that changes where calls go starts afresh.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
 import time
 import urllib.parse
@@ -50,6 +54,17 @@ class ResolvedTimeouts:
     idle_s: float
 
 
+def connection_fingerprint(base_url: str, api_key: str | None, headers: Mapping[str, str]) -> str:
+    """A short hash of what decides where a target's calls go and whether they are let in.
+
+    Health keys carry it, never the key itself; it is not shown either (a hash of a
+    short header value could be guessed). 64 bits: a collision would only merge two
+    configurations' health, and the shared table's entries stay small.
+    """
+    material = json.dumps([base_url, api_key, sorted(headers.items())]).encode()
+    return hashlib.blake2b(material, digest_size=8, person=b"gateway-target").hexdigest()
+
+
 @attrs.frozen
 class Target:
     """One place a request can be sent: an alias entry's backend and upstream model."""
@@ -71,14 +86,23 @@ class Target:
     # The own declared keys of every composite this target was reached through: an
     # inner composite that narrows (say input = ["text"]) narrows its members too.
     gates: tuple[AliasRules, ...] = ()
+    # Computed once per snapshot, not per request; not shown: it is derived from the key.
+    key: tuple[str, str, str] = attrs.field(init=False, repr=False)
+
+    @key.default
+    def _health_key(self) -> tuple[str, str, str]:
+        """Whose health this target's calls report: its backend and model, and where the calls go.
+
+        Cooldowns are per backend *and* model: one failing model must not cool its
+        backend. The connection fingerprint makes a reload that changes the base URL,
+        the key or the headers start the target afresh (a wrong URL or key, fixed, is
+        a new upstream that must not wait out the broken one's cooldown), while a
+        reload that leaves them alone keeps the target's failures and cooldown.
+        """
+        return (self.backend_name, self.model, connection_fingerprint(self.base_url, self.api_key, self.headers))
 
     def accepts(self, facts: RequestFacts) -> bool:
         return self.rules.accepts(facts) and all(gate.accepts(facts) for gate in self.gates)
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """Cooldowns are per backend *and* model: one failing model must not cool its backend."""
-        return (self.backend_name, self.model)
 
     @property
     def configured(self) -> bool:
@@ -113,6 +137,12 @@ class Snapshot:
     loaded_at: float
     aliases: Mapping[str, CompiledAlias]
     unconfigured_backends: Mapping[str, str]
+    # The health keys of every target this configuration calls: the status shows these.
+    target_keys: frozenset[tuple[str, str, str]] = attrs.field(init=False, repr=False)
+
+    @target_keys.default
+    def _target_keys(self) -> frozenset[tuple[str, str, str]]:
+        return frozenset(target.key for alias in self.aliases.values() for target in alias.targets)
 
     def lookup(self, name: str) -> CompiledAlias:
         compiled = self.aliases.get(name)
