@@ -420,3 +420,22 @@ def serving(config_text: str, directory: Path, *, env: Mapping[str, str] | None 
     full_env = {"GATEWAY_API_KEYS": CLIENT_KEY, "STANDIN_KEY": UPSTREAM_KEY, **(env or {})}
     with start_gateway(config, env=full_env, log_dir=directory) as running:
         yield running
+
+
+def group_rss_bytes(pgid: int, field: str = "VmRSS") -> int:
+    """Resident memory of every process in a process group (the gateway and its workers);
+    ``field="VmHWM"``: the sum of each one's peak."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat_fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat_fields[2]) != pgid:
+                continue
+            status = Path(f"/proc/{entry}/status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue
+        found = re.search(rf"{field}:\s+(\d+) kB", status)
+        total += int(found.group(1)) * 1024 if found else 0
+    return total

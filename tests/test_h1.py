@@ -13,6 +13,7 @@ from typing import Any, Self
 
 import pytest
 
+from gateway import h1
 from gateway.h1 import H1Error, H1Pool, H1Response, Origin, body_length, request_head
 from gateway.upstream import UpstreamClient, UpstreamFault
 from harness import cyclic_garbage_now
@@ -461,6 +462,24 @@ async def test_a_compressed_answer_is_decoded(encoding: str) -> None:
         assert server.connections == 1
 
 
+@pytest.mark.parametrize(("unpacked_mib", "refused"), [(3, False), (16, True)])
+@in_loop
+async def test_a_compressed_answer_is_refused_once_it_unpacks_past_the_bound(unpacked_mib: int, refused: bool) -> None:
+    """A gzip bomb is unpacked a step at a time and given up at the bound, not unpacked whole in one call."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    packed = b"".join([*(packer.compress(b" " * (1 << 20)) for _ in range(unpacked_mib)), packer.flush()])
+    extra = b"content-encoding: gzip\r\n"
+    async with pool_and_server(answering(lambda body: ok(packed, extra=extra))) as (pool, server):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(h1, "MAX_DECODED_BYTES", 8 << 20)
+            if not refused:
+                assert len(await read_all(await call(pool, server.origin))) == unpacked_mib << 20
+                return
+            with pytest.raises(H1Error) as caught:
+                await read_all(await call(pool, server.origin))
+        assert caught.value.kind == "protocol" and "unpacks to more than 8 MiB" in caught.value.detail
+
+
 @in_loop
 async def test_an_encoding_it_cannot_decode_is_refused() -> None:
     async with pool_and_server(answering(lambda body: ok(b"\x8b\x00", extra=b"content-encoding: br\r\n"))) as (pool, server):
@@ -483,8 +502,12 @@ async def test_an_answer_that_does_not_begin_in_time_is_given_up_and_its_request
 
 @pytest.mark.parametrize(
     ("answer", "detail"),
-    [(b"SMTP ready\r\n\r\n", "not valid HTTP"), (b"", "closed the connection")],
-    ids=["not HTTP", "closed"],
+    [
+        (b"SMTP ready\r\n\r\n", "not valid HTTP"),
+        (b"", "closed the connection"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", "switched protocols"),
+    ],
+    ids=["not HTTP", "closed", "switched protocols"],
 )
 @in_loop
 async def test_the_upstream_client_turns_a_broken_answer_into_a_reset_fault_naming_no_host(answer: bytes, detail: str) -> None:

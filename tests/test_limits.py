@@ -35,7 +35,7 @@ from gateway.facts import inspect_request
 from gateway.keys import hash_key, new_key, write_keys_file
 from gateway.limits import WINDOW_S, Rate, RateCounter, Window, format_duration
 from gateway.snapshot import build_snapshot
-from harness import GatewayProcess, ManagedProcess, StandIn, free_port, local_client, start_gateway
+from harness import GatewayProcess, ManagedProcess, StandIn, free_port, group_rss_bytes, local_client, start_gateway
 
 RELOAD_WAIT_S = 8.0
 POLL_S = 0.1
@@ -270,24 +270,6 @@ def test_reload_keeps_counters_of_unchanged_limits(
 
 
 # ---------------------------------------------------------------- the body limit
-
-
-def group_rss_bytes(pgid: int) -> int:
-    """Resident memory of every process in a process group (the gateway and its workers)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat_fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat_fields[2]) != pgid:
-                continue
-            status = Path(f"/proc/{entry}/status").read_text()
-        except (OSError, IndexError, ValueError):
-            continue
-        found = re.search(r"VmRSS:\s+(\d+) kB", status)
-        total += int(found.group(1)) * 1024 if found else 0
-    return total
 
 
 def send_until_answered(port: int, *, chunked: bool, max_send_bytes: int, timeout_s: float) -> tuple[bytes, int]:

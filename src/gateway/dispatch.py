@@ -41,7 +41,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -55,7 +55,7 @@ from gateway.health import HealthBoard
 from gateway.shaping import KeptBody, asks_for_image, choices_of, message_images, upstream_body
 from gateway.snapshot import CompiledAlias, Target
 from gateway.sse import DONE, SSEDecoder
-from gateway.upstream import UpstreamClient, UpstreamFault, UpstreamStream, retry_after_s
+from gateway.upstream import MAX_ANSWER_BYTES, UpstreamClient, UpstreamFault, UpstreamStream, retry_after_s
 from gateway.upstream_errors import UpstreamErrorInfo, read_upstream_error, scrub
 
 log = logging.getLogger("gateway.dispatch")
@@ -355,8 +355,10 @@ class Dispatcher:
             return fault_verdict(fault)
         try:
             if stream.status != 200:
-                return status_verdict(stream.status, stream.headers, await self._error_body(stream))
-            raw = await stream.read(within_s=math.inf)
+                return status_verdict(stream.status, stream.headers, await self._error_body(stream), target.secrets)
+            raw = await stream.read(MAX_ANSWER_BYTES + 1, within_s=math.inf)
+            if len(raw) > MAX_ANSWER_BYTES:
+                return Verdict(MOVE_ON, "too_large", f"the answer is larger than {MAX_ANSWER_BYTES >> 20} MiB")
         except UpstreamFault as fault:
             return fault_verdict(fault)
         finally:
@@ -395,7 +397,7 @@ class Dispatcher:
         handed_over = False
         try:
             if stream.status != 200:
-                return status_verdict(stream.status, stream.headers, await self._error_body(stream))
+                return status_verdict(stream.status, stream.headers, await self._error_body(stream), target.secrets)
             verdict = await self._hold(target, stream, first_byte_by)
             handed_over = verdict.action == OK
             return verdict
@@ -413,11 +415,14 @@ class Dispatcher:
         answering = False
         has_image = not target.image_output
         finished = False
+        unparsed = b""
         try:
             while not finished:
                 within_s = None if answering else first_byte_by - time.monotonic()
                 chunk = await stream.next_chunk(within_s)
                 finished = chunk is None
+                if finished:
+                    unparsed = decoder.pending  # what finish() takes: a body that is no event stream is judged below
                 for data in decoder.feed(chunk) if chunk is not None else decoder.finish():
                     held.append(data)
                     if data is None or (answering and has_image):
@@ -429,8 +434,8 @@ class Dispatcher:
                         event = _decode(data)
                     except (msgspec.DecodeError, RecursionError):
                         continue  # one malformed chunk is dropped (the relay counts it), not fatal
-                    if isinstance(event, dict) and "error" in event:
-                        return error_event_verdict(data)
+                    if isinstance(event, dict) and event.get("error") is not None:
+                        return error_event_verdict(data, target.secrets)
                     answering = answering or _is_real_chunk(event)
                     has_image = has_image or _has_image_delta(event)
                 if answering and has_image:
@@ -439,8 +444,8 @@ class Dispatcher:
             return fault_verdict(fault)
         if answering:
             return Verdict(MOVE_ON, "no_image", "the stream ended without an image")
-        rest = decoder.pending.strip()
-        if rest:
+        rest = unparsed.strip()
+        if rest and all(data is None for data in held):
             # Not an event stream at all: most likely an error body sent with status 200.
             return answer_verdict(target, rest, streaming=True)
         return Verdict(RETRY, "empty_stream", "the stream ended before any answer")
@@ -453,13 +458,13 @@ def fault_verdict(fault: UpstreamFault) -> Verdict:
     return Verdict(RETRY, fault.kind, fault.detail)
 
 
-def status_verdict(status: int, headers: Mapping[str, str], body: bytes) -> Verdict:
-    return info_verdict(status, read_upstream_error(body, status), retry_after_s(headers))
+def status_verdict(status: int, headers: Mapping[str, str], body: bytes, secrets: Iterable[str] = ()) -> Verdict:
+    return info_verdict(status, read_upstream_error(body, status, secrets), retry_after_s(headers))
 
 
-def error_event_verdict(data: bytes) -> Verdict:
+def error_event_verdict(data: bytes, secrets: Iterable[str] = ()) -> Verdict:
     """An ``{"error": ...}`` event before the first real chunk, judged like the status it names."""
-    info = read_upstream_error(data)
+    info = read_upstream_error(data, secrets=secrets)
     status = info.numeric_code if info.numeric_code is not None and 400 <= info.numeric_code < 600 else 502
     verdict = info_verdict(status, info, None)
     return attrs.evolve(verdict, outcome=f"error_event {verdict.outcome}")
@@ -487,9 +492,9 @@ def answer_verdict(target: Target, raw: bytes, *, streaming: bool = False) -> Ve
         answer = _decode(raw)
     except (msgspec.DecodeError, RecursionError):
         answer = None
-    if isinstance(answer, dict) and "error" in answer and not isinstance(answer.get("choices"), list):
+    if isinstance(answer, dict) and answer.get("error") is not None and not isinstance(answer.get("choices"), list):
         # Some providers answer 200 with an error object: judge it as the status it names.
-        verdict = error_event_verdict(raw)
+        verdict = error_event_verdict(raw, target.secrets)
         return attrs.evolve(verdict, outcome=verdict.outcome.replace("error_event", "error_body"))
     if streaming:
         return Verdict(RETRY, "invalid_stream", "the answer is not an event stream")

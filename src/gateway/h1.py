@@ -170,6 +170,13 @@ class H1Response:
             waiter.set_result(None)
 
 
+# A compressed answer is unpacked this much at a time, and refused once its unpacked size
+# passes MAX_DECODED_BYTES: 1 MB of gzip can unpack to 1 GB, in one call if not held back.
+# Twice what the gateway reads of one answer (upstream.MAX_ANSWER_BYTES): this bounds what
+# one read from the socket can unpack to before the reader's own bound is reached.
+DECODE_STEP_BYTES = 1 << 20
+MAX_DECODED_BYTES = 128 << 20
+
 _DECODERS: dict[str, Any] = {
     "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
     "x-gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
@@ -199,6 +206,7 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._head_bytes = 0
         self._decoder: Any = None  # a zlib decompressor when the body is gzip or deflate
+        self._decoded_bytes = 0
         self._body_until_eof = False
         self._received_any = False
         self._keep_alive = False
@@ -217,6 +225,9 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError:
             self._fail(H1Error("protocol", "the upstream's answer is not valid HTTP/1.1", partial=True))
+            self._abort()
+        except httptools.HttpParserUpgrade:  # not a subclass of the above: uncaught, the loop logs a traceback
+            self._fail(H1Error("protocol", "the upstream switched protocols, which no chat answer does", partial=True))
             self._abort()
 
     def eof_received(self) -> bool | None:
@@ -276,6 +287,7 @@ class _Connection(asyncio.Protocol):
         encoding = headers.get("content-encoding", "identity").strip().lower()
         # We ask for identity; an upstream that compresses anyway gets decoded, as clients do.
         self._decoder = _DECODERS[encoding]() if encoding in _DECODERS else None
+        self._decoded_bytes = 0
         if self._decoder is None and encoding != "identity":
             self._fail(H1Error("protocol", f"the answer's content-encoding ({encoding[:20]}) cannot be decoded", partial=True))
             self._abort()
@@ -286,11 +298,25 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(response)
 
     def on_body(self, body: bytes) -> None:
-        if self._response is not None:
-            if self._decoder is not None:
-                body = self._decoder.decompress(body)
+        if self._response is None or self.closed:
+            return
+        if self._decoder is None:
             if body:
                 self._response._feed(body)
+            return
+        decoder = self._decoder
+        piece = decoder.decompress(body, DECODE_STEP_BYTES)
+        while True:
+            if piece:
+                self._decoded_bytes += len(piece)
+                if self._decoded_bytes > MAX_DECODED_BYTES:
+                    self._fail(H1Error("protocol", f"the answer unpacks to more than {MAX_DECODED_BYTES >> 20} MiB", partial=True))
+                    self._abort()
+                    return
+                self._response._feed(piece)
+            if not decoder.unconsumed_tail:
+                return
+            piece = decoder.decompress(decoder.unconsumed_tail, DECODE_STEP_BYTES)
 
     def on_message_complete(self) -> None:
         if self._status == 0:

@@ -48,8 +48,11 @@ def error_event(error: GatewayError) -> bytes:
 class StreamRelay:
     """Turns upstream event data into client SSE bytes; remembers finish reasons and usage."""
 
-    def __init__(self, served_alias: str, on_malformed: Callable[[], None], *, expect_usage: bool = False) -> None:
+    def __init__(
+        self, served_alias: str, on_malformed: Callable[[], None], *, expect_usage: bool = False, secrets: tuple[str, ...] = ()
+    ) -> None:
         self.served_alias = served_alias
+        self.secrets = secrets  # the target's: kept out of what is logged and relayed
         self.usage: dict[str, Any] | None = None
         self.expect_usage = expect_usage
         self.done = False  # the upstream said [DONE]
@@ -98,11 +101,11 @@ class StreamRelay:
         except (msgspec.DecodeError, RecursionError):
             event = None
         if not isinstance(event, dict):
-            log.warning("dropped a malformed chunk from %s: %r", self.served_alias, data[:80])
+            log.warning("dropped a malformed chunk from %s: %s", self.served_alias, scrub(repr(data[:200]), self.secrets)[:120])
             self._on_malformed()
             return None
-        if "error" in event:
-            info = read_upstream_error(data)
+        if event.get("error") is not None:
+            info = read_upstream_error(data, secrets=self.secrets)
             raise GatewayError("upstream_error", f"The model failed mid-answer: {info.reason}. The answer is incomplete.")
         event["model"] = self.served_alias
         for choice in choices_of(event):
@@ -132,8 +135,9 @@ async def relay_stream(start: StreamStart, relay: StreamRelay) -> AsyncGenerator
                 yield rendered
             if upstream_error is not None:
                 # Answered here, not raised: this frame holds it, and its traceback would hold this frame.
-                log.warning("stream from %s ended by an upstream error: %s", relay.served_alias, upstream_error.message)
-                yield error_event(GatewayError(upstream_error.code, scrub(upstream_error.message, secrets)))
+                message = scrub(upstream_error.message, secrets)
+                log.warning("stream from %s ended by an upstream error: %s", relay.served_alias, message)
+                yield error_event(GatewayError(upstream_error.code, message))
                 return
             if relay.done:
                 return
@@ -149,8 +153,8 @@ async def relay_stream(start: StreamStart, relay: StreamRelay) -> AsyncGenerator
             rendered, upstream_error = relay.render_all(decoder.feed(chunk) if chunk is not None else decoder.finish())
     except UpstreamFault as fault:
         code = "upstream_timeout" if fault.kind in ("idle_timeout", "timeout") else "upstream_error"
-        log.warning("stream from %s broke off after the first byte: %s", relay.served_alias, fault)
         detail = scrub(f"{fault.kind}: {fault.detail}", secrets)
+        log.warning("stream from %s broke off after the first byte: %s", relay.served_alias, detail)
         yield error_event(GatewayError(code, f"The model's stream broke off ({detail}); the answer is incomplete."))
         return
     if relay.saw_finish:

@@ -88,6 +88,8 @@ class Target:
     gates: tuple[AliasRules, ...] = ()
     # Computed once per snapshot, not per request; not shown: it is derived from the key.
     key: tuple[str, str, str] = attrs.field(init=False, repr=False)
+    # Computed once too: every stream's relay is given them.
+    secrets: tuple[str, ...] = attrs.field(init=False, repr=False)
 
     @key.default
     def _health_key(self) -> tuple[str, str, str]:
@@ -108,9 +110,9 @@ class Target:
     def configured(self) -> bool:
         return self.api_key_env is None or self.api_key is not None
 
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        """What must never reach a client: the key, the backend's URL and its host."""
+    @secrets.default
+    def _secrets(self) -> tuple[str, ...]:
+        """What must never reach a client nor a log: the key, the backend's URL and its host."""
         host = urllib.parse.urlsplit(self.base_url).netloc
         # Backend headers may carry keys too; short values ("1", "true") cannot be secrets.
         header_values = [value for value in self.headers.values() if len(value) >= 8]

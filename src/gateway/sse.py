@@ -12,7 +12,10 @@ event of many megabytes (a streamed image) costs linear time, not quadratic.
 
 from __future__ import annotations
 
+from gateway.upstream import MAX_ANSWER_BYTES, UpstreamFault
+
 DONE = b"[DONE]"
+_BOM = b"\xef\xbb\xbf"
 _SEPARATOR = b"\n\n"
 
 
@@ -21,9 +24,17 @@ class SSEDecoder:
         self._buffer = bytearray()
         self._scan_from = 0
         self._carried_cr = False
+        self._started = False
 
     def feed(self, chunk: bytes) -> list[bytes | None]:
-        """Each complete event's data (``None`` for an event with no data line)."""
+        """Each complete event's data (``None`` for an event with no data line).
+
+        Raises ``UpstreamFault`` ("too_large") when one event passes ``MAX_ANSWER_BYTES``.
+        """
+        if not self._started and chunk:
+            self._started = True
+            # The SSE grammar allows a byte-order mark first; left in, it hides the first event's data line.
+            chunk = chunk.removeprefix(_BOM)
         if self._carried_cr:
             chunk = b"\r" + chunk
             self._carried_cr = False
@@ -42,6 +53,8 @@ class SSEDecoder:
         if start:
             del self._buffer[:start]
         self._scan_from = len(self._buffer)
+        if self._scan_from > MAX_ANSWER_BYTES:
+            raise UpstreamFault("too_large", f"one event of the stream is larger than {MAX_ANSWER_BYTES >> 20} MiB")
         return events
 
     def finish(self) -> list[bytes | None]:

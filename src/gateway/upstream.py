@@ -57,6 +57,12 @@ log = logging.getLogger(__name__)
 BASE_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 
 
+# The most of one answer the gateway reads: a whole non-streaming answer, or one event of
+# a stream. A chat answer, images and all, stays far below it; an upstream past it (a
+# runaway, or a small gzip body that unpacks to gigabytes) must not take the worker's memory.
+MAX_ANSWER_BYTES = 64 << 20
+
+
 class UpstreamFault(Exception):
     """The upstream gave no usable HTTP answer; ``kind`` says how it failed."""
 

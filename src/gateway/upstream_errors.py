@@ -78,8 +78,12 @@ def _shorten(text: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
-def read_upstream_error(body: bytes, status: int | None = None) -> UpstreamErrorInfo:
-    """The reason, code and kind of an upstream error answer (``status`` is the HTTP status, when there is one)."""
+def read_upstream_error(body: bytes, status: int | None = None, secrets: Iterable[str | None] = ()) -> UpstreamErrorInfo:
+    """The reason, code and kind of an upstream error answer (``status`` is the HTTP status, when there is one).
+
+    The reason is scrubbed of ``secrets`` before it is shortened: shortened first, a key
+    cut in two would leave a prefix no pattern recognises.
+    """
     try:
         data = msgspec.json.decode(body)
     except (msgspec.DecodeError, RecursionError):
@@ -109,7 +113,7 @@ def read_upstream_error(body: bytes, status: int | None = None) -> UpstreamError
             raw = metadata.get("raw")
             raw_detail = _text(raw) if isinstance(raw, str) else (msgspec.json.encode(raw).decode() if raw else None)
     if reason is None:
-        reason = body[:MAX_REASON_CHARS].decode("utf-8", "replace").strip() or "no reason given"
+        reason = body[: 4 * MAX_REASON_CHARS].decode("utf-8", "replace").strip() or "no reason given"
     if raw_detail and raw_detail not in reason:
         reason = f"{reason}: {raw_detail}"
     words = f"{reason} {code or ''} {kind or ''}"
@@ -118,7 +122,7 @@ def read_upstream_error(body: bytes, status: int | None = None) -> UpstreamError
     )
     is_filter = bool(code in FILTER_CODES or kind in FILTER_CODES or FILTER_PATTERN.search(reason))
     return UpstreamErrorInfo(
-        reason=_shorten(reason),
+        reason=_shorten(scrub(reason, secrets)),
         code=code,
         type=kind,
         param=param,

@@ -214,6 +214,7 @@ class CompletionService:
             served_alias,
             lambda: self.metrics.inc("gateway_stream_malformed_chunks_total", alias=served_alias),
             expect_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            secrets=start.target.secrets,
         )
         try:
             headers = [*served_headers(served_alias, start.attempts), *ticket.headers, *extra]
