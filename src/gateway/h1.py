@@ -123,6 +123,9 @@ class H1Response:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
+                # A timed-out future holds its TimeoutError, whose traceback holds this frame: a
+                # cycle, keeping the request until a garbage collection, unless the frame lets go.
+                del waiter
         if self._chunks:
             chunk = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
             self._chunks.clear()
