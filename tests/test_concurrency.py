@@ -458,3 +458,28 @@ def test_two_workers_keep_the_backend_at_its_max_concurrency(idle_standin: Stand
     assert all(text.rstrip().endswith("data: [DONE]") for _, _, text in results)
     assert sampler.peak == 2
     assert len(standin.requests()) == 8
+
+
+def test_requests_refused_for_a_full_backend_use_up_no_rate(idle_standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """rpm = 3 on a backend of one slot and no line: while a stream holds the slot, refusals give back
+    what they took, so once it ends the alias still has its 2 other requests (not 0 for a minute)."""
+    standin = idle_standin
+    config = gated_config(standin, max_concurrency=1, max_queue=0, queue_timeout_s=5).replace(
+        'model = "local-up"\n', 'model = "local-up"\nrpm = 3\n'
+    )
+    gateway = gateway_factory(config)
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+            holder = asyncio.create_task(run_stream(client, gateway.url, stream_body("holder", {"kind": "ok", "chunks": 10, "interval_ms": 100})))
+            while not standin.connections()["in_flight"]:
+                await asyncio.sleep(POLL_S)
+            refused = [(await run_stream(client, gateway.url, stream_body(f"busy-{i}", {"kind": "ok"})))[0] for i in range(4)]
+            await holder
+            await asyncio.sleep(0.2)  # the refunds are written off the request path
+            after = [(await run_stream(client, gateway.url, stream_body(f"after-{i}", {"kind": "ok"})))[0] for i in range(3)]
+            return refused, after
+
+    refused, after = asyncio.run(scenario())
+    assert refused == [429] * 4
+    assert after == [200, 200, 429]  # the holder and these two: the alias's 3

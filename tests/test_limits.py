@@ -27,13 +27,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import CLIENT_KEY, GatewayFactory, backend_toml
-from gateway.admission import estimate_tokens, rates_for, usage_tokens
+from gateway.admission import RateAdmission, estimate_tokens, rates_for, usage_tokens
 from gateway.auth import Identity
 from gateway.config import ConfigError, parse_config
 from gateway.config.model import KeyEntry
+from gateway.errors import GatewayError
 from gateway.facts import inspect_request
 from gateway.keys import hash_key, new_key, write_keys_file
 from gateway.limits import WINDOW_S, Rate, RateCounter, Window, format_duration
+from gateway.shared_slots import SHARED_DIR_ENV
 from gateway.snapshot import build_snapshot
 from harness import GatewayProcess, ManagedProcess, StandIn, free_port, group_rss_bytes, local_client, start_gateway
 
@@ -128,6 +130,56 @@ def test_memory_counter_takes_only_what_fits_and_adds_regardless() -> None:
         return first, second, after_refusal, window.current_count, window.remaining(10)
 
     assert asyncio.run(scenario()) == (True, False, 8, 15, 0)
+
+
+def counter_in(storage: str, tmp_path: Path) -> RateCounter:
+    """A counter on ``storage``: "memory" (one process), "shared" (the workers' table) or a Redis URL."""
+    if storage == "shared":
+        return RateCounter("memory", environ={SHARED_DIR_ENV: str(tmp_path)})
+    return RateCounter(storage)
+
+
+@pytest.mark.parametrize("storage", ["memory", "shared", "redis"])
+def test_a_counter_gives_back_what_it_took(storage: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """What a refused request took comes back, in every storage; memory and the table never go below 0."""
+    url = request.getfixturevalue("fresh_redis") if storage == "redis" else storage
+    rate = Rate("requests", "key", f"give-back-{storage}", 5)
+
+    async def scenario() -> list[int]:
+        counter = counter_in(url, tmp_path)
+        counts = []
+        for _ in range(3):
+            assert await counter.take(rate, 1)
+        await counter.give_back(rate, 2)
+        counts.append((await counter.window(rate)).current_count)
+        await counter.give_back(rate, 1)
+        counts.append((await counter.window(rate)).current_count)
+        await counter.aclose()
+        return counts
+
+    assert asyncio.run(scenario()) == [1, 0]
+
+
+def test_a_request_refused_by_one_rate_gives_back_what_the_others_took(tmp_path: Path) -> None:
+    """In a burst every request reads room left, then takes: the one the alias refuses must not keep
+    the key's share (it was charged to the key, which then refused requests it never served)."""
+    key_rate, alias_rate = Rate("requests", "key", "k2", 5), Rate("requests", "alias", "r3c", 3)
+
+    class SeesRoomLeft(RateCounter):
+        async def window(self, rate: Rate) -> Window:  # as read before the others took
+            return Window(0, 0.0, 0, 0.0)
+
+    async def scenario() -> tuple[str, int, int]:
+        counter = SeesRoomLeft("memory")
+        for _ in range(3):
+            assert await counter.take(alias_rate, 1)
+        with pytest.raises(GatewayError) as refused:
+            await RateAdmission(lambda: None)._admit(counter, [key_rate, alias_rate], 10)
+        key_count = (await RateCounter.window(counter, key_rate)).current_count
+        alias_count = (await RateCounter.window(counter, alias_rate)).current_count
+        return refused.value.code, key_count, alias_count
+
+    assert asyncio.run(scenario()) == ("rate_limit_exceeded", 0, 3)
 
 
 def test_rates_come_from_the_key_the_defaults_and_the_alias() -> None:

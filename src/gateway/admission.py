@@ -56,6 +56,9 @@ class Ticket(Protocol):
 
     def settle(self, usage: dict[str, Any] | None) -> None: ...
 
+    def refund(self) -> None:
+        """The request made no upstream call after all (every backend was full): give back what it took."""
+
 
 class Admission(Protocol):
     async def admit(self, identity: Identity, alias: CompiledAlias, facts: RequestFacts) -> Ticket: ...
@@ -74,6 +77,9 @@ class _NoTicket:
         self.headers: list[tuple[bytes, bytes]] = []
 
     def settle(self, usage: dict[str, Any] | None) -> None:
+        return None
+
+    def refund(self) -> None:
         return None
 
 
@@ -180,6 +186,7 @@ class RateTicket:
         self.headers = headers
         self._admission = admission
         self._counter = counter
+        self._rates = rates
         self._token_rates = [r for r in rates if r.unit == "tokens"]
         self._estimate = estimate
         self._settled = False
@@ -191,6 +198,16 @@ class RateTicket:
         used = usage_tokens(usage)
         if used is not None and any(used > _cost(rate, self._estimate) for rate in self._token_rates):
             self._admission.spawn(self._add(used))
+
+    def refund(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        self._admission.spawn(self._give_back())
+
+    async def _give_back(self) -> None:
+        for rate in self._rates:
+            await self._counter.give_back(rate, _cost(rate, self._estimate))
 
     async def _add(self, used: int) -> None:
         # Each token rate took min(estimate, its limit) up front: count the rest of what was used.
@@ -227,9 +244,11 @@ class RateAdmission:
         wait_s, rate = max(waits, key=lambda pair: pair[0])
         if wait_s > 0:
             raise _refusal(rate, wait_s, rate_headers(rates, windows, estimate, taken=False))
-        for rate in rates:
+        for i, rate in enumerate(rates):
             if not await counter.take(rate, _cost(rate, estimate)):
-                # Another request (or worker) took the room since we looked.
+                # Another request (or worker) took the room since we looked: give back what this one took.
+                for taken in rates[:i]:
+                    await counter.give_back(taken, _cost(taken, estimate))
                 window = await counter.window(rate)
                 wait_s = max(1.0, window.wait_s(rate.per_minute, _cost(rate, estimate)))
                 raise _refusal(rate, wait_s, rate_headers(rates, windows, estimate, taken=False))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -169,6 +170,26 @@ class RateCounter:
             return await self._storage.acquire_sliding_window_entry(
                 rate.storage_key, rate.per_minute, WINDOW_S, max(1, min(cost, rate.per_minute))
             )
+        except self._native_errors as exc:
+            raise StorageError(exc) from exc
+
+    async def give_back(self, rate: Rate, cost: int) -> None:
+        """Uncount what ``take`` counted, for a request refused after all (by another rate, or for
+        want of a backend slot): a refusal must not use up the budget of the rates it passed.
+
+        What was taken in a window that has rolled over since is left to age out (Redis: its
+        fresh window is lowered instead, letting that much more through once).
+        """
+        amount = max(1, min(cost, rate.per_minute))
+        storage = self._storage
+        try:
+            if isinstance(storage, SharedWindows):
+                storage.release(rate.storage_key, WINDOW_S, amount, time.time())
+            elif isinstance(storage, MemoryStorage):
+                _, current = storage.sliding_window_keys(rate.storage_key, WINDOW_S, time.time())
+                await storage.decr(current, amount)
+            elif isinstance(storage, RedisStorage):
+                await storage.incr(storage._current_window_key(rate.storage_key), 2 * WINDOW_S, amount=-amount)
         except self._native_errors as exc:
             raise StorageError(exc) from exc
 

@@ -60,6 +60,21 @@ class SharedWindows:
     async def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         return self.acquire(key, limit, expiry, amount, time.time())
 
+    def release(self, key: str, expiry: int, amount: int, now: float) -> None:
+        """Uncount ``amount`` from the key's current window (what a request refused after all took).
+
+        Once that window has rolled over, the count is left to age out with it.
+        """
+        digest, stripe = _locate(key)
+        number = math.floor(now / expiry)
+        with self._locked(stripe):
+            offset = self._find(stripe, digest, number)
+            if offset is None:
+                return
+            held, window, current, previous = ENTRY.unpack_from(self._table, offset)
+            if held == digest and window == number:
+                ENTRY.pack_into(self._table, offset, digest, window, max(0, current - amount), previous)
+
     def window(self, key: str, expiry: int, now: float) -> tuple[int, float, int, float]:
         """(previous count, its weight × expiry, current count, seconds until the current count stops mattering)."""
         digest, stripe = _locate(key)

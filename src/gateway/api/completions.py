@@ -187,8 +187,7 @@ class CompletionService:
         try:
             served = await self.dispatcher.complete(alias, targets, body, kept)
         except BaseException as exc:
-            ticket.settle(None)
-            self._count_if_left(alias.name, exc)
+            self._unanswered(ticket, alias.name, exc)
             raise
         usage = served.answer.get("usage")
         ticket.settle(usage if isinstance(usage, dict) else None)
@@ -203,8 +202,7 @@ class CompletionService:
         try:
             start = await self.dispatcher.open_stream(alias, targets, body, kept)
         except BaseException as exc:
-            ticket.settle(None)
-            self._count_if_left(alias.name, exc)
+            self._unanswered(ticket, alias.name, exc)
             raise
         served_alias = start.target.alias
         # The first event is in hand: it leaves with the head, below.
@@ -224,7 +222,12 @@ class CompletionService:
             ticket.settle(relay.usage)
             self._count(alias.name, start.target, start.attempts, relay.usage)
 
-    def _count_if_left(self, requested: str, fault: BaseException) -> None:
+    def _unanswered(self, ticket: Ticket, requested: str, fault: BaseException) -> None:
+        """Settle the rates of a request that got no answer, and count it if its client left."""
+        if isinstance(fault, GatewayError) and fault.code == "concurrency_limit_exceeded":
+            ticket.refund()  # every backend was full, no call was made: it must not use up the rates
+        else:
+            ticket.settle(None)
         # Cancelled before the answer began: the client left (or the worker is stopping), and
         # the block that cancelled this ends quietly, counting nothing. Once the answer has
         # begun, it counts as its head's 200 (README, metrics).
