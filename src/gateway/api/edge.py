@@ -44,10 +44,11 @@ def header(scope: Mapping[str, Any], name: bytes) -> str | None:
     Joined, not the first: of two ``Authorization`` headers, a proxy in front may
     read the other one, so a repeated single-valued field is made invalid.
     """
-    found = [value for key, value in scope["headers"] if key == name]
-    if not found:
-        return None
-    return b", ".join(found).decode("latin-1")
+    found: bytes | None = None
+    for key, value in scope["headers"]:  # runs for every request: no list for the one match there usually is
+        if key == name:
+            found = value if found is None else found + b", " + value
+    return found.decode("latin-1") if found is not None else None
 
 
 def _too_large(limit: int) -> GatewayError:
