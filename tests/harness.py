@@ -439,3 +439,9 @@ def group_rss_bytes(pgid: int, field: str = "VmRSS") -> int:
         found = re.search(rf"{field}:\s+(\d+) kB", status)
         total += int(found.group(1)) * 1024 if found else 0
     return total
+
+
+def scraped(client: httpx.Client, url: str, prefix: str) -> float:
+    """The sum of the gateway's /metrics samples whose line starts with ``prefix`` (0 when none does)."""
+    lines = [line for line in client.get(f"{url}/metrics").text.splitlines() if line.startswith(prefix)]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import backend_toml
-from harness import CLIENT_KEY, GatewayProcess, StandIn, local_client, serving
+from harness import CLIENT_KEY, GatewayProcess, StandIn, local_client, scraped, serving
 
 RUN = uuid.uuid4().hex[:6]
 CANCEL_WITHIN_S = 1.0
@@ -130,9 +130,7 @@ def assert_clean_afterwards(client: httpx.Client, gateway: GatewayProcess, stand
 
 
 def requests_counted(client: httpx.Client, gateway: GatewayProcess, alias: str, status: str) -> float:
-    line = f'gateway_requests_total{{alias="{alias}",status="{status}"}} '
-    found = [row for row in client.get(f"{gateway.url}/metrics").text.splitlines() if row.startswith(line)]
-    return float(found[0].removeprefix(line)) if found else 0.0
+    return scraped(client, gateway.url, f'gateway_requests_total{{alias="{alias}",status="{status}"}} ')
 
 
 def counted_soon(client: httpx.Client, gateway: GatewayProcess, alias: str, status: str, expected: float) -> float:

@@ -275,6 +275,16 @@ def test_keys_file_life_cycle_through_a_running_gateway(
         assert secret not in log
         assert secret not in revoked.text
 
+def wait_for_last_error(client: httpx.Client, url: str, key: str, present: bool) -> dict[str, object]:
+    deadline = time.monotonic() + RELOAD_WAIT_S
+    status: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        status = client.get(f"{url}/v1/gateway/status", headers=bearer(key)).json()
+        if bool(status.get("last_error")) == present:
+            break
+        time.sleep(POLL_S)
+    return status
+
 
 def test_broken_keys_file_keeps_the_last_good_keys(
     tmp_path: Path, standin: StandIn, gateway_factory: GatewayFactory, client: httpx.Client
@@ -287,26 +297,10 @@ def test_broken_keys_file_keeps_the_last_good_keys(
 
     keys = tmp_path / "keys.toml"
     keys.write_text(keys.read_text().replace("enabled = true", "enabled = flase"))
-    deadline = time.monotonic() + RELOAD_WAIT_S
-    status: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        status = client.get(f"{gateway.url}/v1/gateway/status", headers=bearer(alice)).json()
-        if status.get("last_error"):
-            break
-        time.sleep(POLL_S)
+    status = wait_for_last_error(client, gateway.url, alice, present=True)
     assert "keys.toml" in str(status.get("last_error"))
     assert chat(client, gateway.url, alice, "alpha").status_code == 200
 
-
-def wait_for_last_error(client: httpx.Client, url: str, key: str, present: bool) -> dict[str, object]:
-    deadline = time.monotonic() + RELOAD_WAIT_S
-    status: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        status = client.get(f"{url}/v1/gateway/status", headers=bearer(key)).json()
-        if bool(status.get("last_error")) == present:
-            break
-        time.sleep(POLL_S)
-    return status
 
 
 def test_a_keys_file_that_vanishes_keeps_its_keys_and_says_so(

@@ -21,7 +21,7 @@ from gateway import shared_metrics
 from gateway.api.completions import CompletionService
 from gateway.metrics import HELP, HISTOGRAM_HELP, Metrics, render
 from gateway.shared_metrics import MetricsExchange
-from harness import StandIn, local_client, tiny_jpeg
+from harness import StandIn, local_client, scraped, tiny_jpeg
 
 
 def test_a_label_set_is_one_series_in_any_order() -> None:
@@ -188,11 +188,6 @@ def test_a_worker_publishes_while_it_runs_and_when_it_stops(tmp_path: Path, monk
 
 def test_one_process_has_no_exchange() -> None:
     assert MetricsExchange.from_environment(Metrics(), environ={}) is None
-
-
-def scraped(client: httpx.Client, url: str, prefix: str) -> float:
-    lines = [line for line in client.get(f"{url}/metrics").text.splitlines() if line.startswith(prefix)]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
 def test_two_workers_answer_one_set_of_totals(standin: StandIn, gateway_factory: GatewayFactory) -> None:
