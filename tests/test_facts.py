@@ -11,6 +11,7 @@ import base64
 from typing import Any
 
 import pytest
+import yaml
 
 from conftest import peak_allocation
 from gateway.errors import GatewayError, Location
@@ -23,6 +24,7 @@ from gateway.facts import (
     RequestFacts,
     inspect_request,
 )
+from harness import REPO_ROOT
 from strategies import image_part, image_uri, part_of
 
 USER = {"role": "user", "content": "hi"}
@@ -45,6 +47,39 @@ def refused_at(value: Any) -> tuple[str, Location | None]:
 
 
 # ---------------------------------------------------------------- top level
+
+
+def _schema_types(schemas: dict[str, Any], schema: dict[str, Any]) -> set[str]:
+    """The JSON types a contract schema admits, null aside ($ref, anyOf and oneOf followed)."""
+    while "$ref" in schema:
+        schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+    if "type" in schema:
+        return {schema["type"]} - {"null"}
+    admitted: set[str] = set()
+    for choice in (*schema.get("anyOf", ()), *schema.get("oneOf", ())):
+        admitted |= _schema_types(schemas, choice)
+    if not admitted and ("properties" in schema or "allOf" in schema):
+        admitted = {"object"}
+    return admitted
+
+
+def _request_properties(schemas: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+    properties: dict[str, Any] = {}
+    for part in schema.get("allOf", ()):
+        properties |= _request_properties(schemas, part)
+    return properties | schema.get("properties", {})
+
+
+def test_every_field_of_the_contract_has_its_json_type_checked() -> None:
+    """FIELD_TYPES is the contract's: each request field but model and messages (checked on their own),
+    with the JSON types the contract admits. A field left out would pass unchecked, whatever its type."""
+    contract = REPO_ROOT.parent / "shared" / "contracts" / "openai-chat.openapi.yaml"
+    schemas = yaml.safe_load(contract.read_text(encoding="utf-8"))["components"]["schemas"]
+    fields = _request_properties(schemas, schemas["CreateChatCompletionRequest"])
+    expected = {name: _schema_types(schemas, schema) for name, schema in fields.items() if name not in ("model", "messages")}
+    assert {name: set(kinds) for name, kinds in FIELD_TYPES.items()} == expected
 
 
 @pytest.mark.parametrize("field", sorted(FIELD_TYPES))
