@@ -215,13 +215,68 @@ def test_a_composite_accepts_what_any_member_accepts_and_routing_skips_the_other
     assert [t.alias for t in plan_attempts(snap.lookup("both"), streaming)] == ["vision"]
 
 
-def test_a_composite_refusal_is_its_first_members_named_for_the_composite() -> None:
-    """When no member accepts, the first member's code and place are reported, naming the composite."""
+def test_a_composite_refusal_is_its_first_members_that_takes_the_requests_modalities() -> None:
+    """When no member accepts, the first member that takes what the request sends says why, named
+    for the composite: an image with tools to [text, vision without tools] is refused for the tools,
+    not for the image that 'vision' takes."""
     facts = inspect_request(chat("both", image_part(), tools=[{"type": "function", "function": {"name": "f"}}]))
     with pytest.raises(GatewayError) as info:
         snapshot(ROUTES).lookup("both").rules.check(facts)
-    assert (info.value.code, info.value.at) == ("modality_not_supported", AT_PART_1)
-    assert "'both'" in info.value.message and "'text'" in info.value.message
+    assert (info.value.code, info.value.at) == ("capability_not_supported", ("tools",))
+    assert "'both'" in info.value.message and "'vision' says" in info.value.message
+
+
+def test_a_composite_refusal_is_its_first_members_when_none_takes_the_modalities() -> None:
+    """An image with audio to [sees images, hears audio]: neither takes both; the first one says why."""
+    toml = """
+[models.seeing]
+backend = "b"
+model = "s"
+input = ["text", "image"]
+[models.hearing]
+backend = "b"
+model = "h"
+input = ["text", "audio"]
+[models.senses]
+route = ["seeing", "hearing"]
+"""
+    facts = inspect_request(chat("senses", image_part(), part_of("audio")))
+    with pytest.raises(GatewayError) as info:
+        snapshot(toml).lookup("senses").rules.check(facts)
+    assert (info.value.code, info.value.at) == ("modality_not_supported", ("messages", 0, "content", 2))
+    assert "'seeing' says" in info.value.message
+
+
+def test_a_composites_image_limits_are_those_of_its_members_that_take_images() -> None:
+    """Route [text, vision]: the text member's [defaults] image limits neither show nor decide."""
+    toml = """
+[defaults]
+max_images = 3
+max_image_bytes = 1000
+[models.text]
+backend = "b"
+model = "t"
+[models.vision]
+backend = "b"
+model = "v"
+input = ["text", "image"]
+max_images = 2
+max_image_bytes = 100
+[models.group]
+route = ["text", "vision"]
+"""
+    snap = snapshot(toml)
+    rules = snap.lookup("group").rules
+    assert (rules.limit("max_images"), rules.limit("max_image_bytes")) == (2, 100)
+    capabilities = model_entry(snap.lookup("group"), 0)["capabilities"]
+    assert (capabilities["max_images"], capabilities["max_image_bytes"]) == (2, 100)
+    assert verdict(snap, chat("group", image_part(), image_part(), image_part())) == (
+        "too_many_images",
+        ("messages", 0, "content", 3, "image_url", "url"),
+    )
+    large = image_part(size=200)
+    code, _ = verdict(snap, chat("group", large)) or ("accepted", None)
+    assert code == "image_too_large"
 
 
 def test_a_composites_own_keys_narrow_what_its_members_accept() -> None:

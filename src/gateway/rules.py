@@ -26,9 +26,11 @@ Composite and fallback aliases (issue rule 6):
   and the request is valid if any member accepts. Routing then tries the members
   in order and skips, without calling them and without counting a failure, those
   whose rules refuse it -- so the first member able to serve it answers. When no
-  member accepts, the first member's refusal is reported (its code and location),
-  named as the composite's. Undeclared limits of a composite come from its members,
-  never from ``[defaults]``, so a composite never refuses what a member would take.
+  member accepts, the refusal of the first member that takes the request's
+  modalities is reported (its code and location; the first member's when none
+  does), named as the composite's. Undeclared limits of a composite come from its
+  members, never from ``[defaults]``, so a composite never refuses what a member
+  would take; its image limits come from the members that take images.
 - ``fallback`` aliases never widen what an alias accepts: a request is judged by
   the alias's own rules, and fallbacks that cannot serve it are skipped at routing.
 """
@@ -54,6 +56,7 @@ CAPABILITY_WORDS = {
 }
 CAPABILITIES = tuple(CAPABILITY_WORDS)
 LIMIT_KEYS = ("context_window", "max_output_tokens", "min_max_tokens", "max_images", "max_image_bytes")
+IMAGE_LIMIT_KEYS = ("max_images", "max_image_bytes")
 IMAGE_TYPES_WORDS = "JPEG, PNG, WebP or GIF as base64 data: URIs"
 
 
@@ -99,9 +102,11 @@ class AliasRules:
     def limit(self, key: str) -> int | None:
         """The widest ``key`` (``max_images``, ``min_max_tokens``, ...) a request can meet; None: no limit."""
         own: int | None = getattr(self, key)
-        if not self.members:
+        # A member that takes no images has no say in how many or how large: it takes none.
+        members = [m for m in self.members if key not in IMAGE_LIMIT_KEYS or "image" in m.input]
+        if not members:
             return own
-        limits = [member.limit(key) for member in self.members]
+        limits = [member.limit(key) for member in members]
         if None in limits:
             widest = None
         else:
@@ -127,21 +132,30 @@ class AliasRules:
         return True
 
     def _check_members(self, facts: RequestFacts) -> None:
-        first: GatewayError | None = None
+        refusals: list[tuple[AliasRules, GatewayError]] = []
         for member in self.members:
             try:
                 member.check(facts)
             except GatewayError as refusal:
-                first = first or refusal
+                refusals.append((member, refusal))
             else:
                 return
-        assert first is not None
+        # The first member that takes what the request sends says why: a text-only member's
+        # "no images" would send the client away from an alias that does take images.
+        speaker, refusal = next(((m, r) for m, r in refusals if m._takes_modalities(facts)), refusals[0])
         names = ", ".join(member.alias for member in self.members)
         raise GatewayError(
-            first.code,
-            f"No member of '{self.alias}' ({names}) can serve this request; the first one says: {first.message}",
-            at=first.at,
+            refusal.code,
+            f"No member of '{self.alias}' ({names}) can serve this request; '{speaker.alias}' says: {refusal.message}",
+            at=refusal.at,
         )
+
+    def _takes_modalities(self, facts: RequestFacts) -> bool:
+        try:
+            self._check_modalities(facts)
+        except GatewayError:
+            return False
+        return True
 
     def _check_modalities(self, facts: RequestFacts) -> None:
         for part in facts.parts:
