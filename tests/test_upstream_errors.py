@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -156,6 +157,19 @@ def test_scrub_removes_keys_urls_hosts_and_tokens() -> None:
 def test_scrub_never_leaves_a_given_secret(prefix: str, suffix: str, secret: str) -> None:
     """Whatever surrounds it, a given secret never survives scrubbing."""
     assert secret not in scrub(prefix + secret + suffix, [secret])
+
+
+@given(
+    lead=st.sampled_from(["<html>Bad gateway", "é" * 40]),
+    padding=st.integers(1100, 1300),
+    secret=st.text(string.ascii_letters + string.digits + "-_", min_size=16, max_size=48),
+)
+def test_a_secret_across_the_reasons_cut_leaves_no_piece(lead: str, padding: int, secret: str) -> None:
+    """A body that is not JSON is read up to a cut; a key lying across it is redacted whole. Cut first,
+    its first part survived, and folding the spaces before it brought it into the reason."""
+    body = f"{lead}{' ' * padding}{secret}</html>".encode()
+    reason = read_upstream_error(body, 502, secrets=(secret,)).reason
+    assert not any(secret[i : i + 6] in reason for i in range(len(secret) - 5)), reason
 
 
 @given(st.binary(max_size=2000))

@@ -84,6 +84,7 @@ def read_upstream_error(body: bytes, status: int | None = None, secrets: Iterabl
     The reason is scrubbed of ``secrets`` before it is shortened: shortened first, a key
     cut in two would leave a prefix no pattern recognises.
     """
+    secrets = tuple(secrets)
     try:
         data = msgspec.json.decode(body)
     except (msgspec.DecodeError, RecursionError):
@@ -113,7 +114,7 @@ def read_upstream_error(body: bytes, status: int | None = None, secrets: Iterabl
             raw = metadata.get("raw")
             raw_detail = _text(raw) if isinstance(raw, str) else (msgspec.json.encode(raw).decode() if raw else None)
     if reason is None:
-        reason = body[: 4 * MAX_REASON_CHARS].decode("utf-8", "replace").strip() or "no reason given"
+        reason = _leading_text(body, 4 * MAX_REASON_CHARS, secrets).strip() or "no reason given"
     if raw_detail and raw_detail not in reason:
         reason = f"{reason}: {raw_detail}"
     words = f"{reason} {code or ''} {kind or ''}"
@@ -130,6 +131,21 @@ def read_upstream_error(body: bytes, status: int | None = None, secrets: Iterabl
         is_context_length=is_context,
         is_content_filter=is_filter,
     )
+
+
+def _leading_text(body: bytes, size: int, secrets: Iterable[str | None]) -> str:
+    """The first ``size`` bytes of ``body`` as text, with the secrets redacted before the cut.
+
+    Cut first, a secret across the cut would lose its end and survive as a prefix,
+    which whitespace folding can then pull into the reason a client reads. So the
+    bytes are read on by the longest secret's length and redacted; a secret that
+    starts before the cut is then whole, and one that starts after it is cut away.
+    """
+    marks = sorted({s.encode() for s in secrets if s}, key=len, reverse=True)
+    window = body[: size + (len(marks[0]) if marks else 0)]
+    for mark in marks:
+        window = window.replace(mark, b"[redacted]")
+    return window[:size].decode("utf-8", "replace")
 
 
 def scrub(text: str, secrets: Iterable[str | None] = ()) -> str:
