@@ -274,3 +274,26 @@ def test_the_readme_describes_every_family() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
     assert {*HELP, *HISTOGRAM_HELP} == set(re.findall(r"^\| `(gateway_\w+)` \|", section, re.MULTILINE))
+
+
+def test_attempts_are_counted_when_no_target_serves(standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """A backend that only fails shows in gateway_attempts_total, by outcome: the attempts of a request
+    answered 502 (every target failed) or with the upstream's own 400 count as much as a served one's."""
+    config = (
+        "[routing]\nbackoff_s = 0.01\ncooldown_failures = 50\n\n" + backend_toml(standin, "mdown")
+        + '\n[models."m-down"]\nbackend = "mdown"\nmodel = "m-up-down"\nretries = 1\n'
+    )
+    gateway = gateway_factory(config)
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    failing = {"model": "m-down", "messages": [{"role": "user", "content": "hi"}], "standin_step": {"kind": "status", "status": 503}}
+    refused = {**failing, "standin_step": {"kind": "status", "status": 400}}
+    with local_client(timeout_s=30) as client:
+        for _ in range(2):
+            assert client.post(f"{gateway.url}/v1/chat/completions", json=failing, headers=headers).status_code == 502
+        assert client.post(f"{gateway.url}/v1/chat/completions", json=refused, headers=headers).status_code == 400
+        values = parsed_metrics(client, gateway.url)
+    attempts = {labels: v for (name, labels), v in values.items() if name == "gateway_attempts_total"}
+    assert attempts == {
+        (("alias", "m-down"), ("backend", "mdown"), ("outcome", "503")): 4,  # two requests, each retried once
+        (("alias", "m-down"), ("backend", "mdown"), ("outcome", "400")): 1,
+    }

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import JSONBody
 
 from gateway.admission import RateAdmission
-from gateway.api.completions import CompletionService
+from gateway.api.completions import CompletionService, count_attempts
 from gateway.api.info import INFO_HANDLERS
 from gateway.api.openapi_chat import ChatCompletionRequest
 from gateway.c1 import C1ChatRequest, translate_c1
@@ -188,7 +189,9 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         admission = RateAdmission(config)
         # Workers of one `gateway serve` share each backend's slots (none to share in one process).
         slot_files = SlotDirectory.from_environment()
-        dispatcher = Dispatcher(state.client, state.health, routing, slots=BackendGates(config, slot_files))
+        dispatcher = Dispatcher(
+            state.client, state.health, routing, slots=BackendGates(config, slot_files), on_attempts=partial(count_attempts, metrics)
+        )
         state.completions = CompletionService(holder, dispatcher, metrics, admission=admission)
         state.live_reload = LiveReload(holder)
         await state.live_reload.start()

@@ -170,11 +170,14 @@ class Dispatcher:
         health: HealthBoard,
         routing: Callable[[], RoutingConfig | None],
         slots: BackendSlots | None = None,
+        on_attempts: Callable[[list[Attempt]], None] | None = None,
     ) -> None:
         self._client = client
         self._health = health
         self._routing = routing
         self._slots = slots or Unlimited()
+        # Told every plan's attempts, served or not: a backend that only fails must show in the metrics.
+        self._on_attempts = on_attempts
 
     async def complete(
         self, alias: CompiledAlias, targets: tuple[Target, ...], body: Mapping[str, Any], kept: KeptBody | None = None
@@ -201,9 +204,24 @@ class Dispatcher:
         attempt: Callable[[Target, RequestBody, float], Awaitable[Verdict]],
         kept: KeptBody | None = None,
     ) -> Served | StreamStart:
+        attempts: list[Attempt] = []
+        try:
+            return await self._run_plan(alias, targets, body, attempt, kept, attempts)
+        finally:
+            if self._on_attempts is not None:
+                self._on_attempts(attempts)
+
+    async def _run_plan(
+        self,
+        alias: CompiledAlias,
+        targets: tuple[Target, ...],
+        body: Mapping[str, Any],
+        attempt: Callable[[Target, RequestBody, float], Awaitable[Verdict]],
+        kept: KeptBody | None,
+        attempts: list[Attempt],
+    ) -> Served | StreamStart:
         routing = self._routing() or RoutingConfig()
         deadline = time.monotonic() + alias.deadline_s
-        attempts: list[Attempt] = []
         for index, target in enumerate(targets):
             stopped = self._out_of_budget(routing, attempts, deadline)
             if stopped:

@@ -18,7 +18,7 @@ Sample = tuple[str, Labels, float]
 
 HELP = {
     "gateway_requests_total": "Completion requests answered, by requested alias and HTTP status.",
-    "gateway_attempts_total": "Upstream attempts, by serving alias, backend and outcome.",
+    "gateway_attempts_total": "Upstream attempts and skipped targets of every request, served or not, by alias tried, backend and outcome.",
     "gateway_stream_malformed_chunks_total": "Upstream stream chunks dropped because they were not JSON.",
     "gateway_tokens_total": "Tokens reported by upstreams' usage, by serving alias and kind.",
     "gateway_estimated_cost_usd_total": "Estimated spend: tokens reported times the serving alias's cost_per_mtok_usd, a rough price from models.toml.",

@@ -100,6 +100,12 @@ def _json_fault(reason: str, data: bytes | bytearray | memoryview) -> str:
     return reason
 
 
+def count_attempts(metrics: Metrics, attempts: list[Attempt]) -> None:
+    """Count a plan's attempts, whatever became of the request (``Dispatcher``'s ``on_attempts``)."""
+    for attempt in attempts:
+        metrics.inc("gateway_attempts_total", alias=attempt.alias, backend=attempt.backend, outcome=attempt.outcome)
+
+
 def request_id(scope: dict[str, Any]) -> str:
     return scope.get("gateway_request_id", "-")  # type: ignore[no-any-return]
 
@@ -191,7 +197,7 @@ class CompletionService:
             raise
         usage = served.answer.get("usage")
         ticket.settle(usage if isinstance(usage, dict) else None)
-        self._count(alias.name, served.target, served.attempts, usage)
+        self._count(alias.name, served.target, usage)
         out = client_body(served.answer, served.target.alias)  # read deeper in the stack than this: no RecursionError
         headers = [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts), *ticket.headers, *extra]
         await send_bytes(send, 200, out, headers)
@@ -220,7 +226,7 @@ class CompletionService:
         finally:
             await start.aclose()
             ticket.settle(relay.usage)
-            self._count(alias.name, start.target, start.attempts, relay.usage)
+            self._count(alias.name, start.target, relay.usage)
 
     def _unanswered(self, ticket: Ticket, requested: str, fault: BaseException) -> None:
         """Settle the rates of a request that got no answer, and count it if its client left."""
@@ -234,10 +240,8 @@ class CompletionService:
         if isinstance(fault, asyncio.CancelledError):
             self.metrics.inc("gateway_requests_total", alias=requested, status="499")
 
-    def _count(self, requested: str, target: Any, attempts: list[Attempt], usage: Any) -> None:
+    def _count(self, requested: str, target: Any, usage: Any) -> None:
         self.metrics.inc("gateway_requests_total", alias=requested, status="200")
-        for attempt in attempts:
-            self.metrics.inc("gateway_attempts_total", alias=attempt.alias, backend=attempt.backend, outcome=attempt.outcome)
         if isinstance(usage, dict):
             tokens = 0
             for kind in ("prompt_tokens", "completion_tokens"):
