@@ -136,18 +136,18 @@ class AliasRules:
         for member in self.members:
             try:
                 member.check(facts)
-            except GatewayError as refusal:
-                refusals.append((member, refusal))
+            except GatewayError as error:
+                refusals.append((member, error))
             else:
                 return
         # The first member that takes what the request sends says why: a text-only member's
         # "no images" would send the client away from an alias that does take images.
-        speaker, refusal = next(((m, r) for m, r in refusals if m._takes_modalities(facts)), refusals[0])
+        speaker, said = next(((m, r) for m, r in refusals if m._takes_modalities(facts)), refusals[0])
         names = ", ".join(member.alias for member in self.members)
         raise GatewayError(
-            refusal.code,
-            f"No member of '{self.alias}' ({names}) can serve this request; '{speaker.alias}' says: {refusal.message}",
-            at=refusal.at,
+            said.code,
+            f"No member of '{self.alias}' ({names}) can serve this request; '{speaker.alias}' says: {said.message}",
+            at=said.at,
         )
 
     def _takes_modalities(self, facts: RequestFacts) -> bool:
