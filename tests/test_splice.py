@@ -59,6 +59,45 @@ def test_a_splice_decodes_to_the_shaped_body(body: dict[str, Any], layout: dict[
         assert msgspec.json.decode(joined(pieces)) == shaped
 
 
+# JSON text whose objects may repeat a key: a decoder keeps the last value, and that is what was checked.
+Pairs = list[tuple[str, Any]]
+json_texts = st.recursive(
+    scalars.map(json.dumps),
+    lambda inner: st.lists(inner, max_size=4).map(lambda items: "[" + ",".join(items) + "]")
+    | st.lists(st.tuples(keys, inner), max_size=4).map(lambda pairs: "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}"),
+    max_leaves=12,
+)
+
+
+def no_repeated_keys(pairs: Pairs) -> dict[str, Any]:
+    names = [key for key, _ in pairs]
+    assert len(names) == len(set(names)), f"a repeated key went upstream: {names}"
+    return dict(pairs)
+
+
+@given(fields=st.lists(st.tuples(keys, json_texts), min_size=1, max_size=6, unique_by=lambda pair: pair[0]), data=st.data())
+def test_a_splice_repeats_no_key_the_decoder_dropped(fields: list[tuple[str, str]], data: st.DataObject) -> None:
+    """A value the decoder read with a repeated key is not the client's bytes: an upstream that keeps
+    the first value (or refuses the body) would get what the rules never saw. Such a body is re-encoded."""
+    raw = ("{" + ",".join(f"{json.dumps(key)}:{value}" for key, value in fields) + "}").encode()
+    decoded = msgspec.json.decode(raw)
+    shaped = data.draw(shapings(decoded))
+    pieces = splice_body(in_pieces(raw), decoded, shaped)
+    if pieces is not None:
+        assert json.loads(joined(pieces), object_pairs_hook=no_repeated_keys) == shaped
+
+
+def test_a_repeated_image_url_is_re_encoded_not_spliced() -> None:
+    """The case that mattered: a checked data URI behind an unchecked URL, in a body spliced from its bytes."""
+    image = "data:image/png;base64," + "A" * 100_000
+    raw = (
+        '{"model":"vision","messages":[{"role":"user","content":[{"type":"image_url",'
+        f'"image_url":{{"url":"https://elsewhere.example/x.png","url":"{image}"}}}}]}}]}}'
+    ).encode()
+    decoded = msgspec.json.decode(raw)
+    assert splice_body(in_pieces(raw), decoded, {**decoded, "model": "org/vision"}) is None
+
+
 def test_an_image_body_keeps_its_image_as_a_view_and_gets_new_fields() -> None:
     image = "data:image/png;base64," + "A" * 100_000
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}], "model": "vision", "max_tokens": 9}

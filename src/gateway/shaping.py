@@ -148,7 +148,7 @@ def splice_body(
     (``top_level_spans``, which crosses the known ``strings``); the caller then
     encodes ``shaped`` instead.
     """
-    spans = top_level_spans(raw, strings)
+    spans = top_level_spans(raw, strings, keys=keys_in(body))
     if spans is None or spans.keys() != body.keys():
         return None
     pieces: list[bytes | memoryview] = []
@@ -170,7 +170,22 @@ def splice_body(
     return tuple(pieces)
 
 
-def top_level_spans(raw: Chunks, strings: Mapping[int, int] | None = None) -> dict[str, tuple[int, int]] | None:
+def keys_in(value: Any) -> int:
+    """How many object keys ``value`` holds, at every depth."""
+    count, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if type(item) is dict:
+            count += len(item)
+            pending += item.values()
+        elif type(item) is list:
+            pending += item
+    return count
+
+
+def top_level_spans(
+    raw: Chunks, strings: Mapping[int, int] | None = None, *, keys: int | None = None
+) -> dict[str, tuple[int, int]] | None:
     """Where each top-level field's value lies in ``raw`` (a JSON object), or None if unsure.
 
     It walks the JSON from string to string (``find`` of the next quote: a
@@ -181,11 +196,15 @@ def top_level_spans(raw: Chunks, strings: Mapping[int, int] | None = None) -> di
     spelled otherwise than it reads), or when the body has over
     ``SPLICE_MAX_STRINGS`` strings (walking it would cost more than encoding).
     ``strings`` maps the opening quote of strings known to be whole tokens to
-    their closing quote: those are crossed without a search.
+    their closing quote: those are crossed without a search. ``keys``, when
+    given, is how many object keys ``raw`` decoded to: a body holding more
+    repeats a key somewhere (the decoder kept only its last value, and that is
+    what was checked), so its raw values cannot be trusted to say the same.
     """
     depth = 0
     at = 0
-    keys: list[tuple[str, int, int]] = []  # key, its opening quote, where its value starts
+    found_keys = 0  # at every depth
+    top: list[tuple[str, int, int]] = []  # each top-level key, its opening quote, where its value starts
     for _ in range(SPLICE_MAX_STRINGS):
         start = raw.find(b'"', at)
         if start < 0:
@@ -207,24 +226,27 @@ def top_level_spans(raw: Chunks, strings: Mapping[int, int] | None = None) -> di
                 if slashes % 2 == 0:
                     break
         at = end + 1
-        if depth != 1:
-            continue
         value_at = _after_colon(raw, at)
         if value_at < 0:
             continue  # a value, not a key
+        found_keys += 1
+        if depth != 1:
+            continue
         key = raw.slice(start + 1, end)
         if b"\\" in key:
             return None
-        keys.append((key.decode(), start, value_at))
+        top.append((key.decode(), start, value_at))
     else:
         if raw.find(b'"', at) >= 0:
             return None
+    if keys is not None and found_keys != keys:
+        return None
     spans: dict[str, tuple[int, int]] = {}
     closing = raw.rfind(b"}")
-    for index, (name, _, value_at) in enumerate(keys):
-        boundary = keys[index + 1][1] if index + 1 < len(keys) else closing
+    for index, (name, _, value_at) in enumerate(top):
+        boundary = top[index + 1][1] if index + 1 < len(top) else closing
         value_end = before_space(raw, boundary)
-        if index + 1 < len(keys):
+        if index + 1 < len(top):
             if raw.byte(value_end - 1) != _COMMA:
                 return None
             value_end = before_space(raw, value_end - 1)
