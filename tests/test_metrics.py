@@ -225,8 +225,8 @@ def test_only_whole_non_negative_token_counts_are_counted_and_priced() -> None:
     service = CompletionService(holder=None, dispatcher=None, metrics=metrics)  # type: ignore[arg-type]
     priced = SimpleNamespace(alias="priced", cost_per_mtok_usd=2.5)
     for usage in ({"prompt_tokens": 1000, "completion_tokens": 3000}, {"prompt_tokens": -5, "completion_tokens": True}, {"prompt_tokens": "7"}, None):
-        service._count("asked", priced, [], usage)
-    service._count("asked", SimpleNamespace(alias="free", cost_per_mtok_usd=None), [], {"prompt_tokens": 10, "completion_tokens": 0})
+        service._count("asked", priced, usage)
+    service._count("asked", SimpleNamespace(alias="free", cost_per_mtok_usd=None), {"prompt_tokens": 10, "completion_tokens": 0})
     text = metrics.render()
     assert 'gateway_tokens_total{alias="priced",kind="prompt_tokens"} 1000\n' in text
     assert 'gateway_tokens_total{alias="priced",kind="completion_tokens"} 3000\n' in text
