@@ -161,7 +161,7 @@ def test_rebuild_does_not_change_the_c1_body() -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"model": "m"}, "message"),
+        ({"model": "m"}, None),  # absent: no place in the body to name (SPEC §4)
         ({"model": "m", "message": None}, "message"),
         ({"model": "m", "message": 42}, "message"),
         ({"model": "m", "message": {"type": "text", "text": "x"}}, "message"),
@@ -663,7 +663,7 @@ def test_served_headers_are_those_of_chat_completions(gateway: GatewayProcess) -
             "message[2].image_url.url",
             "/message/2/image_url/url",
         ),
-        ({"model": "qwen3-vl-30b-instruct"}, 400, "invalid_request", "message", "/message"),
+        ({"model": "qwen3-vl-30b-instruct"}, 400, "invalid_request", None, None),
         ({"model": "qwen3-vl-30b-instruct", "message": {"text": "x"}}, 400, "invalid_request", "message", "/message"),
         (
             {"model": "c1-text", "message": "x", "images": [{"url": JPEG_URI}]},

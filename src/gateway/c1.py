@@ -23,8 +23,8 @@ passes through untouched. How it works:
    rule of ``/v1/chat/completions`` found its violation) back into the c1 body,
    then trims it to the deepest location that exists there: a piece with no
    counterpart (the ``image_url`` wrapper of a bare-string image, say) points at
-   its nearest existing ancestor. Only a missing top-level field (``model``)
-   is named although absent, as on ``/v1/chat/completions``.
+   its nearest existing ancestor. A missing field (``model``, ``message``) has
+   no place in the body: its location is null, as on ``/v1/chat/completions``.
 
 Everything here is pure: no I/O, so the whole mapping is tested without a server.
 """
@@ -145,7 +145,9 @@ def _images(body: Mapping[str, Any]) -> Sequence[Any]:
 def _message(body: Mapping[str, Any]) -> str | list[Any]:
     message = body.get("message")
     if message is None:
-        raise _invalid(("message",), "`message` is required: the prompt as a string, or an array of content parts")
+        # Absent, it has no place in the body to point at (SPEC §4); a null has one.
+        at: Location = ("message",) if "message" in body else ()
+        raise _invalid(at, "`message` is required: the prompt as a string, or an array of content parts")
     if type(message) is not str and type(message) is not list:
         raise _invalid(
             ("message",), f"`message` must be a string or an array of content parts, got {json_type_name(message)}"
