@@ -103,7 +103,9 @@ def fields_strategy(cls: type, overrides: Mapping[str, st.SearchStrategy[Any]], 
 # or kept small so a request can break them cheaply.
 SMALL_IMAGES = st.none() | st.integers(1, 6)
 SMALL_IMAGE_BYTES = st.none() | st.integers(64, 4_096)
-RETRIES = st.none() | st.integers(0, 4)
+# Retries stay below cooldown_failures (3 by default): a target's own failures would cool it first.
+RETRIES = st.none() | st.integers(0, 2)
+ROUTING_OVERRIDES = {"cooldown_failures": st.none() | st.integers(3, 1_000_000)}
 DEFAULTS_OVERRIDES = {"max_images": SMALL_IMAGES, "max_image_bytes": SMALL_IMAGE_BYTES, "retries": RETRIES}
 BACKEND_OVERRIDES = {
     "base_url": st.sampled_from(["http://127.0.0.1:8000/v1", "https://api.example.test/v1", "http://[::1]:9/v1/"]),
@@ -126,7 +128,7 @@ RESERVED_FIELDS = ("model", "messages", "stream")
 TABLES: Mapping[str, st.SearchStrategy[Document]] = {
     "defaults": fields_strategy(Defaults, DEFAULTS_OVERRIDES),
     "server": fields_strategy(ServerConfig, {}),
-    "routing": fields_strategy(RoutingConfig, {}),
+    "routing": fields_strategy(RoutingConfig, ROUTING_OVERRIDES),
     "backend": fields_strategy(Backend, BACKEND_OVERRIDES),
     "alias": fields_strategy(AliasSpec, ALIAS_OVERRIDES, skip=ALIAS_STRUCTURAL),
 }

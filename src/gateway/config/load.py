@@ -508,6 +508,25 @@ def _check_alias_rules(models: Mapping[str, AliasSpec]) -> Iterator[ConfigIssue]
             targets.setdefault(new, old)
 
 
+def _check_retries(
+    models: Mapping[str, AliasSpec], backends: Mapping[str, Backend], defaults: Defaults, routing: RoutingConfig
+) -> Iterator[ConfigIssue]:
+    """``retries`` a target could never make: its own failures cool it down first, and a cooled
+    target is not called again (the dispatcher does not hammer it), so the retries would stop short."""
+    limit = routing.cooldown_failures
+    places: list[tuple[ConfigPath, int | None]] = [(("defaults", "retries"), defaults.retries)]
+    places += [(("backends", name, "retries"), backend.retries) for name, backend in backends.items()]
+    places += [(("models", name, "retries"), spec.retries) for name, spec in models.items()]
+    for path, retries in places:
+        if retries is not None and retries >= limit:
+            yield ConfigIssue(
+                path,
+                f"{retries} retries would take {retries + 1} calls, but [routing] cooldown_failures = {limit} cools "
+                f"the target after {limit} failures in a row, which ends its retries there: set retries below "
+                f"{limit} or raise cooldown_failures",
+            )
+
+
 # ---------------------------------------------------------------- line locator
 
 
@@ -686,6 +705,9 @@ def parse_config(data: bytes, source: str = "models.toml") -> Config:
     issues.extend(_check_composite_capabilities(models))
     issues.extend(_check_composite_limits(models, sections.get("defaults") or Defaults()))
     issues.extend(_check_alias_rules(models))
+    issues.extend(
+        _check_retries(models, entries["backends"], sections.get("defaults") or Defaults(), sections.get("routing") or RoutingConfig())
+    )
     if raw.get("models", {}) == {}:
         issues.append(ConfigIssue(("models",), "no aliases: add at least one [models.\"ALIAS\"] table"))
 
