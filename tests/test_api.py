@@ -450,6 +450,15 @@ def test_a_lone_surrogate_is_named_in_the_error(client: httpx.Client, gateway: G
     assert client.post(url, content=whole, headers=headers).status_code == 200
 
 
+@pytest.mark.parametrize("number", [b"1e400", b"-1e999", b"[1, 2E+309]"])
+def test_a_number_beyond_a_float_is_invalid_request_not_invalid_json(client: httpx.Client, gateway: GatewayProcess, number: bytes) -> None:
+    """1e400 is valid JSON that no 64-bit float holds: the gateway cannot read it, and says so, not that the JSON is bad."""
+    body = b'{"model": "api-chat", "messages": [{"role": "user", "content": "hi"}], "x_extra": %s}' % number
+    response = client.post(f"{gateway.url}/v1/chat/completions", content=body, headers={**auth(), "content-type": "application/json"})
+    error = assert_envelope(response, 400, "invalid_request")
+    assert "64-bit float" in error["message"] and error["param"] is None, error
+
+
 @pytest.mark.parametrize("sent", [b"", b'{"model": "api-chat"'], ids=["nothing", "a-part"])
 def test_a_body_that_stops_arriving_is_408_and_the_connection_closes(sent: bytes, gateway: GatewayProcess) -> None:
     """A client that declares 100 bytes and stops sending gets 408 request_timeout after

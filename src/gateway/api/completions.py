@@ -87,6 +87,13 @@ def decode_body(data: bytes | bytearray | memoryview, scope: Mapping[str, Any], 
         # RFC 8259 lets a reader ignore a byte-order mark; some Windows tools write one. One:
         # a second is not JSON, and skipping marks one call each would let a body exhaust the stack.
         return decode_body(memoryview(data)[3:], scope, after_bom=True)
+    if reason.startswith("Number out of range"):
+        # Valid JSON (RFC 8259 leaves the range to the reader), so not invalid_json.
+        raise GatewayError(
+            "invalid_request",
+            "The body holds a number beyond what the gateway reads, a 64-bit float (up to about 1.8e308): "
+            "send it within that range, or as a string.",
+        )
     raise GatewayError("invalid_json", f"The body is not valid JSON: {_json_fault(reason, data)}.")
 
 
