@@ -153,6 +153,23 @@ def test_keyring_combines_env_keys_and_the_file(tmp_path: Path) -> None:
     assert revoked.value.code == "invalid_api_key"
 
 
+@pytest.mark.parametrize("required", ["true", "false"])
+def test_revoking_the_last_key_refuses_it_and_opens_nothing(tmp_path: Path, required: str) -> None:
+    """A keys file whose every key is revoked still means keys are in use: with `required = false` too,
+    the revoked key and no key at all are refused. Before, an empty ring with auth optional let anyone in."""
+    bob = new_key()
+    write_keys_file(tmp_path / "keys.toml", {"bob": KeyEntry(hash=hash_key(bob), enabled=False)})
+    config = parse_config(
+        f'[auth]\nkeys_file = "keys.toml"\nrequired = {required}\n'
+        '[backends.b]\nbase_url = "http://127.0.0.1:9"\n[models.alpha]\nbackend = "b"\nmodel = "m"\n'.encode()
+    )
+    ring = build_keyring(config, tmp_path / "models.toml", {})
+    for authorization, code in ((f"Bearer {bob}", "invalid_api_key"), (None, "missing_api_key")):
+        with pytest.raises(GatewayError) as refused:
+            ring.authenticate(authorization)
+        assert refused.value.code == code
+
+
 def test_a_key_allowed_an_alias_the_config_lost_is_logged_not_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Renaming an alias drops it from keys' allow-lists: say so, name the key, and keep the key working."""
     carol = new_key()

@@ -6,7 +6,10 @@ held only as SHA-256 digests; a presented key is digested and compared with
 so the time taken does not depend on which key matched or how much of it did.
 Neither keys nor digests are ever logged or answered. With no key configured
 at all, every call is refused (``no_api_keys_configured``) unless the config
-says ``[auth] required = false`` explicitly.
+says ``[auth] required = false`` explicitly. Keys are configured when
+``GATEWAY_API_KEYS`` holds one or a keys file is named, whether or not any of
+its keys is enabled: revoking the last key must refuse that key, not open the
+gateway to everyone.
 """
 
 from __future__ import annotations
@@ -55,19 +58,27 @@ class KeyRing:
 
     identities: Mapping[bytes, Identity]
     required: bool = True
+    keys_file: bool = False  # one is named: keys are in use even while none of its keys is enabled
 
     @classmethod
-    def from_env_keys(cls, keys: Iterable[str], required: bool = True, extra: Mapping[bytes, Identity] | None = None) -> KeyRing:
+    def from_env_keys(
+        cls,
+        keys: Iterable[str],
+        required: bool = True,
+        extra: Mapping[bytes, Identity] | None = None,
+        *,
+        keys_file: bool = False,
+    ) -> KeyRing:
         """Env keys plus ``extra`` (the keys file's digests); ``extra`` wins where both hold a key."""
         identities: dict[bytes, Identity] = {}
         for i, key in enumerate(k.strip() for k in keys):
             if key:
                 identities[digest_key(key)] = env_identity(i + 1)
         identities.update(extra or {})
-        return cls(identities, required)
+        return cls(identities, required, keys_file)
 
     def authenticate(self, authorization: str | None) -> Identity:
-        if not self.identities:
+        if not self.identities and not self.keys_file:
             if not self.required:
                 return ANONYMOUS
             raise GatewayError(

@@ -82,7 +82,7 @@ def build_keyring(config: Config, config_path: Path, environ: Mapping[str, str])
         if gone and entry.enabled:
             log.warning("key %r may use %s, which models.toml no longer has", name, ", ".join(repr(alias) for alias in gone))
     from_file = {digest: identity for digest, identity in file_identities(entries)}
-    return KeyRing.from_env_keys(env_keys, required=config.auth.required, extra=from_file)
+    return KeyRing.from_env_keys(env_keys, required=config.auth.required, extra=from_file, keys_file=path is not None)
 
 
 def file_identities(entries: Mapping[str, KeyEntry]) -> Iterator[tuple[bytes, Identity]]:
