@@ -303,17 +303,19 @@ def wait_for_last_error(client: httpx.Client, url: str, key: str, present: bool)
     return status
 
 
+@pytest.mark.parametrize("broken", ["typo", "empty"])
 def test_broken_keys_file_keeps_the_last_good_keys(
-    tmp_path: Path, standin: StandIn, gateway_factory: GatewayFactory, client: httpx.Client
+    tmp_path: Path, standin: StandIn, gateway_factory: GatewayFactory, client: httpx.Client, broken: str
 ) -> None:
-    """A keys file edit that does not parse changes nothing: the keys that served go on serving."""
+    """A keys file edit that does not parse changes nothing: the keys that served go on serving. An empty
+    file (a save half done) is such an edit: read as "no keys", it locked every key out."""
     (tmp_path / "models.toml").write_text(models_toml(standin))
     alice = run_cli("add", "alice", cwd=tmp_path).stdout.strip()
     gateway = gateway_factory(models_toml(standin), env={"GATEWAY_API_KEYS": ""})
     assert chat(client, gateway.url, alice, "alpha").status_code == 200
 
     keys = tmp_path / "keys.toml"
-    keys.write_text(keys.read_text().replace("enabled = true", "enabled = flase"))
+    keys.write_text(keys.read_text().replace("enabled = true", "enabled = flase") if broken == "typo" else "\n")
     status = wait_for_last_error(client, gateway.url, alice, present=True)
     assert "keys.toml" in str(status.get("last_error"))
     assert chat(client, gateway.url, alice, "alpha").status_code == 200

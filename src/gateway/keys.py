@@ -146,6 +146,10 @@ def parse_keys(data: bytes, source: str = "keys.toml") -> dict[str, KeyEntry]:
         line = int(found.group(1)) if found else text.count("\n") + 1
         raise ConfigError(source, [ConfigIssue((), f"TOML syntax error: {exc}", line)]) from None
 
+    if not text.strip():
+        # What a save by truncate-then-write passes through: taken as "no keys", it would lock every
+        # key out (or, with auth optional, let anyone in) until the write ends.
+        raise ConfigError(source, [ConfigIssue((), "the keys file is empty; it holds [keys.NAME] tables (`gateway keys add`)")])
     issues: list[ConfigIssue] = []
     for key in raw:
         if key != "keys":
