@@ -342,6 +342,7 @@ def start_gateway(
     log_dir: str | Path | None = None,
     ready_timeout_s: float = 30.0,
     port_attempts: int = 3,
+    args: Sequence[str] = (),
 ) -> GatewayProcess:
     """Start the gateway on a free port and wait for GET /healthz to answer < 500.
 
@@ -358,6 +359,7 @@ def start_gateway(
                 "--host", LOOPBACK,
                 "--port", str(port),
                 "--workers", str(workers),
+                *args,
             ],
             env=gateway_env(env),
             log_dir=log_dir,

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
 
-from harness import LOOPBACK, free_port, gateway_env, local_client, serving
+from conftest import CLIENT_KEY, backend_toml
+from harness import LOOPBACK, UPSTREAM_KEY, StandIn, free_port, gateway_env, local_client, serving, start_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models.toml"
@@ -271,6 +276,42 @@ def test_serve_options_are_ones_granian_takes() -> None:
     assert (server.bind_addr, server.bind_port, server.workers) == ("127.0.0.1", 18080, 2)
     assert server.interface == Interfaces.ASGI
     assert server.respawn_failed_workers is True
+
+
+def test_a_second_stop_signal_ends_the_gateway_within_its_shutdown_timeout(standin: StandIn, tmp_path: Path) -> None:
+    """Ctrl-C twice while a stream runs: granian's worker blocks in its signal handler and never exits,
+    and the main process waited for it forever. It now waits `--shutdown-timeout` seconds, then stops it."""
+    standin.script("double-signal-up", [{"kind": "ok", "chunks": 120, "interval_ms": 250}])
+    config = tmp_path / "models.toml"
+    config.write_text(backend_toml(standin) + '\n[models."double-signal"]\nbackend = "local"\nmodel = "double-signal-up"\n')
+    env = {"GATEWAY_API_KEYS": CLIENT_KEY, "STANDIN_KEY": UPSTREAM_KEY}
+    with start_gateway(config, env=env, log_dir=tmp_path, args=["--shutdown-timeout", "2"]) as gateway:
+        body = {"model": "double-signal", "messages": [{"role": "user", "content": "go on"}], "stream": True}
+        read: list[bytes] = []
+
+        def read_the_stream() -> None:
+            headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+            with (
+                contextlib.suppress(httpx.HTTPError),  # the gateway stopping cuts it
+                local_client(timeout_s=40) as client,
+                client.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers) as stream,
+            ):
+                read.extend(stream.iter_bytes())
+
+        reader = threading.Thread(target=read_the_stream, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not read and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert read, gateway.log_tail()
+        for _ in range(2):
+            os.killpg(gateway.pid, signal.SIGINT)
+            time.sleep(1.0)
+        deadline = time.monotonic() + 20
+        while gateway.process.is_running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not gateway.process.is_running(), f"still serving 20 s after Ctrl-C twice:\n{gateway.log_tail()}"
+        reader.join(timeout=10)
 
 
 def one_backend_config(alias: str) -> str:

@@ -97,6 +97,8 @@ def raise_open_files_limit() -> None:
 # more peak RSS.
 # 2, 4 and 16 MiB measured no better, for more RSS.
 HTTP1_BUFFER_BYTES = 1024 * 1024
+# Long enough for most answers in flight to end; a stream longer than that is cut when stopping.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30
 
 
 def server_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,6 +126,10 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
         # instead of taking the gateway down; it serves the last good configuration.
         "respawn_failed_workers": True,
         "respawn_interval": 1.0,
+        # Stopping, the main process waits this long for a worker to finish what runs, then kills it.
+        # Unbounded, a second SIGINT or SIGTERM while a request runs (Ctrl-C twice) hung it for good:
+        # granian's worker blocks in its signal handler and never exits.
+        "workers_kill_timeout": args.shutdown_timeout,
     }
 
 
@@ -189,6 +195,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> int:
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, 1 or more, got {text!r}")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="DGX LLM Chat Gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument(
+        "--shutdown-timeout", type=_positive_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
+        help=f"on SIGTERM or Ctrl-C, how long requests in flight may run on before a worker is stopped (default {DEFAULT_SHUTDOWN_TIMEOUT_S})",
+    )
     serve.set_defaults(run=cmd_serve)
 
     check = sub.add_parser("check", help="validate a models.toml without serving (exit 1 listing every problem)")
