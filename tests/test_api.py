@@ -718,6 +718,19 @@ def test_request_id_is_echoed(client: httpx.Client, gateway: GatewayProcess) -> 
         streamed.read()
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions/", "/v1//chat/completions", "/c1/chat/"])
+def test_a_completion_path_spelled_otherwise_carries_one_request_id(client: httpx.Client, gateway: GatewayProcess, path: str) -> None:
+    """A base URL ending in "/v1/" makes "/v1//chat/completions": Litestar routes it to the same handler,
+    which names its answer itself; the id came back twice ("my-id, my-id" in the openai SDK)."""
+    sent = {"x-request-id": "req-once-91c2"}
+    body = {"model": "api-chat", "message": "hi"} if path.startswith("/c1") else chat_body("api-chat")
+    for response in (
+        client.post(f"{gateway.url}{path}", json=body, headers={**auth(), **sent}),
+        client.post(f"{gateway.url}{path}", json={"model": "nope"}, headers={**auth(), **sent}),
+    ):
+        assert response.headers.get_list("x-request-id") == ["req-once-91c2"], (response.status_code, response.headers)
+
+
 def test_error_answers_show_no_source_paths(client: httpx.Client, gateway: GatewayProcess) -> None:
     """Error answers carry no traceback: the gateway's source paths never appear in them."""
     for response in (

@@ -85,7 +85,11 @@ def name_request(scope: Any) -> bytes:
 def _send_with_request_id(rid: bytes, send: Any) -> Any:
     async def send_with_id(message: Any) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+            headers = message.get("headers", ())
+            # The completion handlers name their answers themselves, also when Litestar routes
+            # a path spelled otherwise ("/v1//chat/completions") to them.
+            if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                message["headers"] = [*headers, (b"x-request-id", rid)]
         await send(message)
 
     return send_with_id
