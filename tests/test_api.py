@@ -289,6 +289,14 @@ def test_model_object_of_unknown_alias(client: httpx.Client, gateway: GatewayPro
     assert "api-chat" in error["message"]
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/v1/models", "/v1/models/api-chat", "/v1/gateway/status", "/v1/gateway/errors"])
+def test_head_answers_wherever_get_does(client: httpx.Client, gateway: GatewayProcess, path: str) -> None:
+    """HEAD is GET's head without its body (RFC 9110): a load balancer probing /readyz with HEAD got 405."""
+    got, head = client.get(f"{gateway.url}{path}", headers=auth()), client.head(f"{gateway.url}{path}", headers=auth())
+    assert (head.status_code, head.content) == (got.status_code, b""), head.headers
+    assert head.headers["content-type"] == got.headers["content-type"]
+
+
 def test_healthz_and_readyz_need_no_key(client: httpx.Client, gateway: GatewayProcess) -> None:
     """/healthz and /readyz answer 200 without a key; readyz says ready with the config's hash."""
     assert client.head(f"{gateway.url}/healthz").status_code == 200

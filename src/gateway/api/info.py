@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from litestar import Request, Response, get, route
+from litestar import Request, Response, route
 from litestar.datastructures import State
 from litestar.params import FromPath
 
@@ -15,6 +15,12 @@ from gateway.errors import GatewayError, catalog_rows
 from gateway.metrics import render
 from gateway.rules import CAPABILITIES, LIMIT_KEYS
 from gateway.snapshot import CompiledAlias, Snapshot
+
+
+def get_or_head(path: str, **options: Any) -> Any:
+    """A GET route that answers HEAD too (RFC 9110: wherever GET is): load balancers and `curl -I`
+    probe that way, and granian sends the head without the body."""
+    return route(path, http_method=["GET", "HEAD"], **options)
 
 
 def _gateway(state: State) -> Any:
@@ -53,7 +59,7 @@ def model_entry(alias: CompiledAlias, created: int) -> dict[str, Any]:
     }
 
 
-@get("/v1/models", sync_to_thread=False)
+@get_or_head("/v1/models", sync_to_thread=False)
 def list_models(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     snapshot = _serving(state)
     identity = _gateway(state).holder.keys.authenticate(header(request.scope, b"authorization"))
@@ -62,7 +68,7 @@ def list_models(request: Request[Any, Any, State], state: State) -> dict[str, An
     return {"object": "list", "data": data}
 
 
-@get("/v1/models/{alias:path}", sync_to_thread=False)
+@get_or_head("/v1/models/{alias:path}", sync_to_thread=False)
 def get_model(request: Request[Any, Any, State], state: State, alias: FromPath[str]) -> dict[str, Any]:
     snapshot = _serving(state)
     identity = _gateway(state).holder.keys.authenticate(header(request.scope, b"authorization"))
@@ -76,13 +82,12 @@ def get_model(request: Request[Any, Any, State], state: State, alias: FromPath[s
     return model_entry(compiled, int(snapshot.loaded_at))
 
 
-@route("/healthz", http_method=["GET", "HEAD"], sync_to_thread=False)
+@get_or_head("/healthz", sync_to_thread=False)
 def healthz() -> dict[str, str]:
-    # HEAD too: load balancers and `curl -I` probe liveness that way (the server drops the body).
     return {"status": "ok"}
 
 
-@get("/readyz", sync_to_thread=False)
+@get_or_head("/readyz", sync_to_thread=False)
 def readyz(state: State) -> Response[dict[str, Any]]:
     """Ready while a valid configuration serves; the hash lets an operator see workers converge."""
     holder = _gateway(state).holder
@@ -114,7 +119,7 @@ def _backend_rows(snapshot: Snapshot) -> list[dict[str, Any]]:
     return rows
 
 
-@get("/v1/gateway/status", sync_to_thread=False)
+@get_or_head("/v1/gateway/status", sync_to_thread=False)
 def status(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     gateway = _gateway(state)
     holder = gateway.holder
@@ -139,12 +144,12 @@ def status(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     }
 
 
-@get("/v1/gateway/errors", sync_to_thread=False)
+@get_or_head("/v1/gateway/errors", sync_to_thread=False)
 def error_catalog() -> dict[str, Any]:
     return {"object": "list", "data": list(catalog_rows())}
 
 
-@get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
+@get_or_head("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
 def metrics(state: State) -> str:
     gateway = _gateway(state)
     exchange = gateway.metrics_exchange
