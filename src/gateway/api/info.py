@@ -17,7 +17,7 @@ from gateway.rules import CAPABILITIES, LIMIT_KEYS
 from gateway.snapshot import CompiledAlias, Snapshot
 
 
-def get_or_head(path: str, **options: Any) -> Any:
+def get_or_head(path: str, **options: Any) -> route:
     """A GET route that answers HEAD too (RFC 9110: wherever GET is): load balancers and `curl -I`
     probe that way, and granian sends the head without the body."""
     return route(path, http_method=["GET", "HEAD"], **options)
