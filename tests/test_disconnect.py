@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import backend_toml
+from conftest import GatewayFactory, backend_toml
 from harness import CLIENT_KEY, GatewayProcess, StandIn, local_client, scraped, serving
 
 RUN = uuid.uuid4().hex[:6]
@@ -218,3 +218,28 @@ def test_leaving_while_an_image_stream_is_held_cancels_the_upstream_call(gateway
     found = wait_for_cancellation(standin, "image-hold", 1)
     assert len(found) == 1 and found[0]["t"] - left_at < CANCEL_WITHIN_S
     assert_clean_afterwards(client, gateway, standin, "image-hold")
+
+
+def test_a_client_that_stops_reading_frees_the_upstream_and_its_slot_by_the_total_time(
+    standin: StandIn, gateway_factory: GatewayFactory, client: httpx.Client
+) -> None:
+    """A stream whose client neither reads nor leaves (a suspended process, a hostile reader) is cut off
+    just past the alias's timeout_s: before, it held the upstream call and the backend's only slot for
+    as long as the client liked, and everyone else got 429."""
+    model = f"{RUN}-stalled-reader"
+    config = backend_toml(standin, "narrow", max_concurrency=1, max_queue=0) + (
+        f'\n[models.stalled]\nbackend = "narrow"\nmodel = "{model}"\ntimeout_s = 2\nretries = 0\n'
+    )
+    gateway = gateway_factory(config)
+    standin.script(model, [{"kind": "ok", "chunks": 200_000}, {"kind": "ok"}])  # tens of MB: more than any buffer
+    stalled = RawClient(gateway, chat_body("stalled", True))
+    stalled.read_until(b"data:")  # the stream has begun, and this client reads no more
+    deadline = time.monotonic() + 8.0
+    while standin.connections()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert standin.connections()["in_flight"] == 0, "the upstream call outlived the alias's timeout_s"
+    answer = client.post(
+        f"{gateway.url}/v1/chat/completions", json=chat_body("stalled", False), headers={"authorization": f"Bearer {CLIENT_KEY}"}
+    )
+    assert answer.status_code == 200, answer.text
+    stalled.leave()

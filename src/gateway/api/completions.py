@@ -28,6 +28,7 @@ from gateway.api.edge import (
     JSON_HEADERS,
     ClientGone,
     Headers,
+    OverdueCutoff,
     StalledBodies,
     cancelled_on_disconnect,
     declared_length,
@@ -65,6 +66,9 @@ _LONE_SURROGATE = re.compile(
 
 
 _BOM = b"\xef\xbb\xbf"
+# How long past its total time a stream may still be sending (its last event, an error) before
+# the client is taken for one that stopped reading.
+STALLED_CLIENT_GRACE_S = 1.0
 
 
 def decode_body(data: bytes | bytearray | memoryview, scope: Mapping[str, Any], *, after_bom: bool = False) -> Any:
@@ -229,7 +233,10 @@ class CompletionService:
         )
         try:
             headers = [*served_headers(served_alias, start.attempts), *ticket.headers, *extra]
-            await send_stream(send, relay_stream(start, relay), headers)
+            # By its total time the relay has ended the stream itself; still sending a little later,
+            # the client is not reading, and must not hold the upstream call and its slot.
+            with OverdueCutoff(start.stream.ends_at + STALLED_CLIENT_GRACE_S - time.monotonic()):
+                await send_stream(send, relay_stream(start, relay), headers)
         finally:
             await start.aclose()
             ticket.settle(relay.usage)

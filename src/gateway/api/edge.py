@@ -212,6 +212,41 @@ async def send_stream(send: Any, events: AsyncGenerator[bytes, None], headers: H
         await _send_or_gone(send, {"type": "http.response.body", "body": b"", "more_body": False})
 
 
+class OverdueCutoff:
+    """Within its block, the current task is cancelled if it still runs ``after_s`` from now, and the
+    block ends in ``ClientGone``: the answer is cut off, and each ``finally`` closes what it opened.
+
+    A stream's relay bounds the upstream's side by the total time; this bounds the
+    client's. One that stops reading without leaving (a suspended process, a slow
+    or hostile reader) leaves ``send`` waiting with no end, and with it the
+    upstream call and its backend's concurrency slot. One timer per stream, not a
+    timeout around each write.
+    """
+
+    __slots__ = ("_after_s", "_fired", "_handle", "_task")
+
+    def __init__(self, after_s: float) -> None:
+        self._after_s = after_s
+
+    def __enter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._fired = False
+        self._handle = asyncio.get_running_loop().call_later(max(0.0, self._after_s), self._fire)
+
+    def _fire(self) -> None:
+        self._fired = True
+        self._task.cancel()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        self._handle.cancel()
+        # The timer can only fire while the block awaits, so its cancellation ends the block.
+        if self._fired and kind is not None and issubclass(kind, asyncio.CancelledError) and self._task.uncancel() == 0:
+            log.warning("an answer was cut off %.3g s after it began: the client stopped reading it", self._after_s)
+            raise ClientGone("the client stopped reading") from None
+
+
 class cancelled_on_disconnect:  # a class named as the function it replaced: ``async with cancelled_on_disconnect(receive)``
     """Cancel the current task when the client disconnects; the body must already be read.
 
