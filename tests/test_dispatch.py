@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -284,6 +285,18 @@ def test_retries_are_configurable_per_alias() -> None:
     error = run(h.fail("a"))
     assert h.upstream.count("a") == 3
     assert error.code == "upstream_error" and error.headers["x-gateway-attempts"] == "3"
+
+
+def test_the_log_says_what_follows_each_failed_attempt(caplog: pytest.LogCaptureFixture) -> None:
+    """A retry, a move to the fallback, a stop: each failed attempt's line names what really follows it
+    (every transient failure said "retry", the last try and retries = 0 too)."""
+    h = Harness(snapshot_of(alias("a", fallback=["b"]) + alias("b")))
+    h.upstream.script("a", h.upstream.status(503))
+    h.upstream.script("b", h.upstream.status(400, body={"error": {"message": "bad temperature"}}))
+    with caplog.at_level(logging.WARNING, logger="gateway.dispatch"):
+        run(h.fail("a"))
+    nexts = [r.getMessage().rsplit("; next: ", 1)[1] for r in caplog.records if "; next: " in r.getMessage()]
+    assert [n.split(" in ")[0] for n in nexts] == ["retry", "move on", "stop"], nexts
 
 
 def test_connection_refused_and_invalid_json_are_transient() -> None:

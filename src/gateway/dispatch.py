@@ -293,13 +293,6 @@ class Dispatcher:
             self._judge(routing, target, verdict, reason)
             if verdict.action == OK:
                 return verdict.answer  # type: ignore[no-any-return]
-            log.warning(
-                "attempt on %s (backend %s, model %s) failed: %s (%s); next: %s",
-                target.alias, target.backend_name, target.model, verdict.outcome, reason, verdict.action,
-            )
-            if verdict.action == STOP:
-                assert verdict.error is not None
-                raise self._stop_error(target, verdict, body, attempts)
             wait_s = None
             if (
                 verdict.action == RETRY
@@ -308,6 +301,14 @@ class Dispatcher:
                 and not self._out_of_budget(routing, attempts, deadline)
             ):
                 wait_s = self._retry_wait_s(routing, tries, verdict.retry_after_s, deadline - time.monotonic())
+            log.warning(
+                "attempt on %s (backend %s, model %s) failed: %s (%s); next: %s",
+                target.alias, target.backend_name, target.model, verdict.outcome, reason,
+                "stop" if verdict.action == STOP else f"retry in {wait_s:.2g} s" if wait_s is not None else "move on",
+            )
+            if verdict.action == STOP:
+                assert verdict.error is not None
+                raise self._stop_error(target, verdict, body, attempts)
             if wait_s is None:
                 if verdict.retry_after_s:
                     # Moving on from a target that asked for a pause: other requests honour it too.
