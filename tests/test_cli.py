@@ -200,7 +200,7 @@ backend = "cloud"
 model = "vendor/paint-1"
 input = ["text", "image"]
 output = ["image"]
-notes = "paints"
+notes = "paints | edits"
 cold_latency_s = [5]
 """
     )
@@ -209,9 +209,11 @@ cold_latency_s = [5]
     assert markdown_rows(done.stdout, "### Vision-capable models") == [
         ("see-local (local)", "local eyes"),
         ("see-cloud", "cloud eyes"),
-        ("paint", "paints"),
+        ("paint", "paints \\| edits"),
     ]
     assert markdown_rows(done.stdout, "### Image generation") == [("paint", "vendor/paint-1", "5 s", "-")]
+    # A "|" in a note is escaped, not a new column (it was, in these two tables).
+    assert "| paint | paints \\| edits |" in done.stdout.splitlines()
     # Notes over two lines still make one row of each table.
     assert "| see-cloud | cloud eyes |" in done.stdout.splitlines()
     text = gateway_cli("models", cwd=tmp_path).stdout.splitlines()

@@ -108,7 +108,7 @@ def _cost(config: Config, alias: str) -> str:
 
 def seed_markdown(config: Config) -> str:
     """The seed pages' two tables: vision-capable models, and image generation."""
-    vision: list[str] = ["### Vision-capable models", "", "| Alias | Notes |", "|---|---|"]
+    vision: list[list[str]] = [["Alias", "Notes"]]
     image_out: list[str] = []
     for alias in config.models:
         rules = compile_rules(alias, config.models, config.defaults)
@@ -118,20 +118,21 @@ def seed_markdown(config: Config) -> str:
             image_out.append(alias)
             continue
         name = f"{alias} (local)" if is_local(config, alias) else alias
-        vision.append(f"| {name} | {_one_line(config.models[alias].notes)} |")
+        vision.append([name, _one_line(config.models[alias].notes)])
     # The seed gives image-output aliases one row when they share their notes.
     by_notes: dict[str, list[str]] = {}
     for alias in image_out:
         by_notes.setdefault(_one_line(config.models[alias].notes), []).append(alias)
-    for notes, aliases in by_notes.items():
-        vision.append(f"| {', '.join(aliases)} | {notes} |")
+    vision += [[", ".join(aliases), notes] for notes, aliases in by_notes.items()]
 
-    images = ["### Image generation", "", "| Alias | Underlying model | Cold latency | Cost (rough) |", "|---|---|---|---|"]
+    images: list[list[str]] = [["Alias", "Underlying model", "Cold latency", "Cost (rough)"]]
     for alias in image_out:
         spec = config.models[alias]
         underlying = spec.model if spec.route is None else "composite (" + " → ".join(spec.route) + ")"
-        images.append(f"| {alias} | {underlying} | {_latency(config, alias)} | {_cost(config, alias)} |")
-    return "\n".join(vision + ["", *images]) + "\n"
+        images.append([alias, underlying or "-", _latency(config, alias), _cost(config, alias)])
+    return "\n".join(
+        ["### Vision-capable models", "", render_markdown(vision), "", "### Image generation", "", render_markdown(images)]
+    ) + "\n"
 
 
 RULE_TOPICS = ("input", "output", "images", "max_tokens", "context", "features", "route", "upstream")
