@@ -689,6 +689,9 @@ def parse_config(data: bytes, source: str = "models.toml") -> Config:
         for name, entry in (value or {}).items():
             if not _is_clean_name(name):
                 issues.append(ConfigIssue((table, name), "a name must not be empty, begin or end with a space, or hold a line break or another control character"))
+            elif table == "models" and (name.startswith("/") or name.endswith("/") or "//" in name):
+                # A URL path drops such slashes: GET /v1/models/{alias} could never name the alias.
+                issues.append(ConfigIssue((table, name), "an alias name must not begin or end with '/' or hold '//'"))
             structured, bad = _structure(entry, cls, (table, name), issues)
             if structured is not None:
                 entries[table][name] = structured
