@@ -115,6 +115,19 @@ def test_check_lists_every_problem_and_exits_1(bad_models_toml: Path) -> None:
     assert done.stdout == ""
 
 
+def test_check_lists_the_keys_files_problems_beside_those_of_models_toml(tmp_path: Path) -> None:
+    """Both files' problems in one run: the keys file's were shown only once models.toml had none."""
+    (tmp_path / "models.toml").write_text(
+        '[auth]\nkeys_file = "keys.toml"\n[backends.b]\nbase_url = "http://127.0.0.1:9/v1"\n'
+        '[models.m1]\nbackend = "b"\nmodel = "m"\ntypo = 1\n'
+    )
+    (tmp_path / "keys.toml").write_text('[keys.alice]\nhash = "sha256:short"\nbogus = 2\n')
+    done = gateway_cli("check", "models.toml", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "models.toml:8: models.m1.typo: unknown key 'typo'" in done.stderr
+    assert "keys.toml:2: keys.alice.hash: expected" in done.stderr and "keys.toml:3: keys.alice.bogus: unknown key" in done.stderr, done.stderr
+
+
 def test_check_reads_gateway_config_without_an_argument(bad_models_toml: Path, tmp_path: Path) -> None:
     """Without an argument `gateway check` reads $GATEWAY_CONFIG (and ./models.toml without it)."""
     named = gateway_cli("check", cwd=REPO, env={"GATEWAY_CONFIG": str(bad_models_toml / "models.toml")})

@@ -105,7 +105,8 @@ def test_bad_keys_file_reports_every_problem_with_its_line(tmp_path: Path) -> No
         f'[keys."env-key-1"]\nhash = "{hash_key("x")}"\n'               # 9-10: reserved name
         f'[keys.dave]\nhash = "{hash_key("y")}"\ntpm = 0\n'             # 11-13: not positive
         f'[keys.erin]\nhash = "{same}"\n'                               # 14-15: same key as alice
-        "[extra]\n"                                                     # 16
+        '[keys.frank]\nhash = "sha256:short"\nenabled = "yes"\nrpm = -1\n'  # 16-19: three at once
+        "[extra]\n"                                                     # 20
     )
     with pytest.raises(ConfigError) as caught:
         parse_keys(text.encode(), "keys.toml")
@@ -117,7 +118,11 @@ def test_bad_keys_file_reports_every_problem_with_its_line(tmp_path: Path) -> No
         r"keys\.toml:9: keys\.\"env-key-1\": names starting with 'env-key-' are kept for GATEWAY_API_KEYS",
         r"keys\.toml:13: keys\.dave\.tpm: must be a positive number",
         r"keys\.toml:15: keys\.erin\.hash: the same key as keys\.alice",
-        r"keys\.toml:16: extra: unknown table",
+        # A wrong type in one field hides no other problem of its entry.
+        r"keys\.toml:17: keys\.frank\.hash: expected \"sha256:\"",
+        r"keys\.toml:18: keys\.frank\.enabled: expected true or false",
+        r"keys\.toml:19: keys\.frank\.rpm: must be a positive number",
+        r"keys\.toml:20: extra: unknown table",
     ]
     for pattern in expected:
         assert re.search(pattern, rendered), (pattern, rendered)

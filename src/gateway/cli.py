@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
-from gateway.keys import build_keyring, keys_file_path
+from gateway.keys import build_keyring, keys_file_named_in, read_keys_file
 from gateway.keys_cli import add_keys_parser
 from gateway.reload import LAST_GOOD_ENV
 from gateway.shared_slots import SHARED_DIR_ENV
@@ -24,18 +24,25 @@ def _config_path(value: str | None) -> Path:
 
 
 def _load_or_report(path: Path, consequence: str) -> Config | None:
-    """models.toml and the keys file it names, both checked; every problem printed."""
+    """models.toml and the keys file it names, both checked; every problem of both printed."""
+    problems: list[ConfigError] = []
+    config: Config | None = None
     try:
         config = load_config(path)
-        keys = keys_file_path(config, path)
-        if keys is not None:
+    except ConfigError as exc:
+        problems.append(exc)
+    try:
+        if config is not None:
             # The same reader the running gateway uses: a keys file it would refuse fails here too.
             build_keyring(config, path, os.environ)
-        return config
+        elif (keys := keys_file_named_in(path)) is not None:
+            read_keys_file(keys)
     except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        print(f"{exc.source}: {len(exc.issues)} problem(s); {consequence}", file=sys.stderr)
-        return None
+        problems.append(exc)
+    for problem in problems:
+        print(problem.render(), file=sys.stderr)
+        print(f"{problem.source}: {len(problem.issues)} problem(s); {consequence}", file=sys.stderr)
+    return config if not problems else None
 
 
 def cmd_check(args: argparse.Namespace) -> int:

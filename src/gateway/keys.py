@@ -68,6 +68,20 @@ def keys_file_path(config: Config, config_path: Path) -> Path | None:
     return path if path.is_absolute() else config_path.parent / path
 
 
+def keys_file_named_in(config_path: Path) -> Path | None:
+    """The keys file a models.toml names, read from its TOML alone: for one that does not load."""
+    try:
+        raw = tomllib.loads(config_path.read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    auth = raw.get("auth")
+    named = auth.get("keys_file") if isinstance(auth, dict) else None
+    if not isinstance(named, str) or not named:
+        return None
+    path = Path(named)
+    return path if path.is_absolute() else config_path.parent / path
+
+
 def build_keyring(config: Config, config_path: Path, environ: Mapping[str, str]) -> KeyRing:
     """The keys this configuration accepts; a broken keys file raises ``ConfigError``."""
     env_keys = environ.get("GATEWAY_API_KEYS", "").split(",")
@@ -183,17 +197,20 @@ def _parse_entry(name: str, value: Any, issues: list[ConfigIssue]) -> KeyEntry |
         issues.append(ConfigIssue(at, "expected a table with at least `hash`"))
         return None
     found = len(issues)
+    entry: KeyEntry | None
     try:
-        entry: KeyEntry = CONVERTER.structure(value, KeyEntry)
+        entry = CONVERTER.structure(value, KeyEntry)
     except Exception as exc:  # noqa: BLE001  # cattrs raises groups and plain errors alike
         issues.extend(_issues_from(exc, at))
-        return None
-    if not HASH_PATTERN.fullmatch(entry.hash):
+        entry = None
+    # Checked on the table's own values too, so one field's wrong type hides no other problem.
+    hash_text = value.get("hash")
+    if isinstance(hash_text, str) and not HASH_PATTERN.fullmatch(hash_text):
         # Never echo the value: an operator may have pasted the key itself here.
         issues.append(ConfigIssue(at + ("hash",), 'expected "sha256:" and 64 lowercase hex digits (`gateway keys add` writes it)'))
     for field in ("rpm", "tpm"):
-        number = getattr(entry, field)
-        if number is not None and number <= 0:
+        number = value.get(field)
+        if type(number) is int and number <= 0:
             issues.append(ConfigIssue(at + (field,), f"must be a positive number, got {number}"))
     return entry if len(issues) == found and not problem else None
 
