@@ -20,7 +20,7 @@ from conftest import backend_toml
 from harness import CLIENT_KEY, UPSTREAM_KEY, GatewayProcess, StandIn, group_rss_bytes, local_client, serving
 
 RUN = uuid.uuid4().hex[:6]
-ALIASES = ("bom", "error-null", "json-to-stream", "echo-key", "long-reason", "bomb")
+ALIASES = ("bom", "error-null", "json-to-stream", "echo-key", "long-reason", "bomb", "half-emoji")
 
 
 def upstream_id(alias: str) -> str:
@@ -77,6 +77,25 @@ def test_a_chunk_whose_error_is_null_is_no_error(gateway: GatewayProcess, standi
     )])
     assert streamed_text(ask(client, gateway, "error-null", stream=True)) == "fine!"
     assert len([r for r in standin.requests() if r["model"] == upstream_id("error-null")]) == 1
+
+
+def test_an_emoji_cut_in_two_utf16_halves_reaches_the_client_as_sent(gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """JSON that escapes half of a UTF-16 pair (an upstream slicing text inside an emoji, as JavaScript does)
+    is what Python's json, and so the openai SDK, reads: a stream lost those chunks, a whole answer was
+    taken for junk, retried and answered 502."""
+    half, other_half = "A\ud83d", "\ude00B"
+    standin.script(upstream_id("half-emoji"), [raw_stream(
+        chunk({"role": "assistant", "content": half}), chunk({"content": other_half}), chunk({}, "stop"), "data: [DONE]\n\n",
+    )])
+    assert streamed_text(ask(client, gateway, "half-emoji", stream=True)) == half + other_half
+    answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "x",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": half + other_half + " \ud83d"}, "finish_reason": "stop"}]}
+    standin.script(upstream_id("half-emoji"), [{"kind": "raw", "body": json.dumps(answer)}])
+    whole = ask(client, gateway, "half-emoji", stream=False)
+    assert whole.status_code == 200, whole.text
+    as_the_sdk_reads_it = json.loads(json.dumps(answer))["choices"][0]["message"]["content"]  # "A😀B \ud83d"
+    assert whole.json()["choices"][0]["message"]["content"] == as_the_sdk_reads_it
+    assert whole.json()["model"] == "half-emoji"
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])

@@ -52,7 +52,7 @@ from gateway.config.model import RoutingConfig
 from gateway.errors import GatewayError, Location
 from gateway.h1 import RequestBody
 from gateway.health import HealthBoard
-from gateway.shaping import KeptBody, asks_for_image, choices_of, message_images, upstream_body
+from gateway.shaping import KeptBody, asks_for_image, choices_of, decode_answer, message_images, upstream_body
 from gateway.snapshot import CompiledAlias, Target
 from gateway.sse import DONE, SSEDecoder
 from gateway.upstream import MAX_ANSWER_BYTES, UpstreamClient, UpstreamFault, UpstreamStream, retry_after_s
@@ -73,7 +73,6 @@ ERROR_BODY_WAIT_S = 5.0
 
 OK, RETRY, MOVE_ON, STOP = "ok", "retry", "move_on", "stop"
 
-_decode = msgspec.json.Decoder().decode
 
 
 @attrs.frozen
@@ -450,7 +449,7 @@ class Dispatcher:
                         finished = True
                         break
                     try:
-                        event = _decode(data)
+                        event = decode_answer(data)
                     except (msgspec.DecodeError, RecursionError):
                         continue  # one malformed chunk is dropped (the relay counts it), not fatal
                     if isinstance(event, dict) and event.get("error") is not None:
@@ -508,7 +507,7 @@ def info_verdict(status: int, info: UpstreamErrorInfo, retry_after: float | None
 def answer_verdict(target: Target, raw: bytes, *, streaming: bool = False) -> Verdict:
     """Judge a 200 answer's body: a chat completion, an error in disguise, or junk."""
     try:
-        answer = _decode(raw)
+        answer = decode_answer(raw)
     except (msgspec.DecodeError, RecursionError):
         answer = None
     if isinstance(answer, dict) and answer.get("error") is not None and not isinstance(answer.get("choices"), list):

@@ -28,7 +28,7 @@ import msgspec
 
 from gateway.dispatch import StreamStart
 from gateway.errors import GatewayError
-from gateway.shaping import choices_of, encode, fix_images
+from gateway.shaping import choices_of, decode_answer, encode, fix_images
 from gateway.sse import DONE, DONE_EVENT, data_event
 from gateway.upstream import UpstreamFault
 from gateway.upstream_errors import read_upstream_error, scrub
@@ -38,7 +38,6 @@ log = logging.getLogger("gateway.relay")
 # How long a complete answer may wait for its upstream's end (usage, [DONE]).
 TAIL_GRACE_S = 1.0
 
-_decode = msgspec.json.Decoder().decode
 
 
 def error_event(error: GatewayError) -> bytes:
@@ -97,7 +96,7 @@ class StreamRelay:
             self.done = True
             return DONE_EVENT
         try:
-            event = _decode(data)
+            event = decode_answer(data)
         except (msgspec.DecodeError, RecursionError):
             event = None
         if not isinstance(event, dict):

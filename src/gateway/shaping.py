@@ -19,11 +19,16 @@ Unknown fields pass untouched; the client's body itself is never modified (a
 plan shapes it once per target).
 
 Down: ``model`` becomes the alias that served; image outputs get a data URI
-whose media type matches their bytes (sniffed, not assumed).
+whose media type matches their bytes (sniffed, not assumed). An answer holding
+an escaped half of a UTF-16 pair (``"\\ud83d"``: text cut inside an emoji, as
+JavaScript slicing does) is read and written the way the openai SDK's own JSON
+reader takes it, not dropped: msgspec refuses what Python's ``json`` reads.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -330,8 +335,33 @@ def client_body(answer: dict[str, Any], served_alias: str) -> bytes:
     """The client's answer: the upstream's body with ``model`` = the alias that served and fixed images."""
     answer["model"] = served_alias
     fix_images(message_images(answer))
-    return _encode(answer)
+    return encode(answer)
 
 
 def encode(value: Any) -> bytes:
-    return _encode(value)
+    try:
+        return _encode(value)
+    except UnicodeEncodeError:
+        # A lone surrogate (see decode_answer) has no UTF-8: written escaped, as it came.
+        return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+_msgspec_decode = msgspec.json.Decoder().decode
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_answer(raw: bytes) -> Any:
+    """An upstream's JSON (an answer, a stream event); ``msgspec.DecodeError`` if it is none."""
+    try:
+        return _msgspec_decode(raw)
+    except msgspec.DecodeError:
+        if _SURROGATE_ESCAPE.search(raw) is None:
+            raise
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise msgspec.DecodeError(str(exc)) from None
