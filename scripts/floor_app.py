@@ -115,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[FORWARD_ENV] = args.forward
     from granian.server import MPServer
 
-    from gateway.cli import server_options
+    from gateway.cli import DEFAULT_SHUTDOWN_TIMEOUT_S, server_options
 
     # The worker imports this module by name: it must find it next to this file.
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    options = server_options(argparse.Namespace(host=args.host, port=args.port, workers=1))
+    options = server_options(argparse.Namespace(host=args.host, port=args.port, workers=1, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT_S))
     options.update(factory=False, respawn_failed_workers=False)
     MPServer("floor_app:app", **options).serve()
     return 0

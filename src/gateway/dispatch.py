@@ -74,7 +74,6 @@ ERROR_BODY_WAIT_S = 5.0
 OK, RETRY, MOVE_ON, STOP = "ok", "retry", "move_on", "stop"
 
 
-
 @attrs.frozen
 class Attempt:
     """One call (or skip) of a plan, as the final error message and logs report it."""
