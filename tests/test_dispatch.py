@@ -776,6 +776,18 @@ def reloaded(models: str, *, base_url: str = BASE_URL, headers: str = "", key: s
     return build_snapshot(parse_config(text.encode()), environ={"UNIT_KEY": key})
 
 
+def test_an_upstreams_words_name_the_alias_where_they_name_its_model() -> None:
+    """Only the whole model id is the alias's: not inside a longer id, and not an id as short as a word."""
+    target = snapshot_of(alias("chat", model="org/model-7b")).lookup("chat").targets[0]
+    assert target.in_client_words("The model `org/model-7b` does not exist.") == "The model `chat` does not exist."
+    assert target.in_client_words("org/model-7b is overloaded; try org/model-7b.") == "chat is overloaded; try chat."
+    for longer in ("org/model-7b-instruct", "org/model-7b.1", "xorg/model-7b", "org/model-7b/v2"):
+        assert target.in_client_words(f"{longer} is gone") == f"{longer} is gone"
+    short = snapshot_of(alias("chat", model="m1")).lookup("chat").targets[0]
+    assert short.in_client_words("m1 is gone") == "m1 is gone"
+    assert target.in_client_words(f"bad key {SECRET}") == "bad key [redacted]"
+
+
 def test_target_health_key_changes_with_where_calls_go_only() -> None:
     """A target's health key changes with its base URL, key or headers, not with other edits, and never holds the key."""
     first = reloaded(alias("a")).lookup("a").targets[0].key

@@ -182,6 +182,9 @@ def test_any_bytes_give_a_short_reason(body: bytes) -> None:
 # ------------------------------------------------------------------ through the gateway
 
 
+HIDDEN_MODEL = f"internal/{RUN}-llama-finetune-v7"
+
+
 @pytest.fixture(scope="module")
 def gateway(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     directory = tmp_path_factory.mktemp("upstream-errors")
@@ -190,6 +193,7 @@ def gateway(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Itera
         + backend_toml(standin, first_byte_timeout_s=2, idle_timeout_s=2, timeout_s=5)
         + "\n"
         f'[models."errs"]\nbackend = "local"\nmodel = "{RUN}-errors"\n'
+        f'[models."hidden"]\nbackend = "local"\nmodel = "{HIDDEN_MODEL}"\nretries = 0\n'
     )
     with serving(config_text, directory) as running:
         yield running
@@ -230,3 +234,27 @@ def test_upstream_5xx_in_any_dialect_ends_as_502_with_its_reason(dialect: str, g
     assert response.status_code == 502
     error = response.json()["error"]
     assert error["code"] == "upstream_error" and error["message"].count(f"errs: 503 (busy ({dialect}))") == 2
+
+
+def test_an_upstream_naming_its_model_id_is_answered_with_the_alias(gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """Clients see aliases only (SPEC §2): an upstream's reason that names its own model id, in a 502
+    summary, a passed-on 400 or an error mid-stream, names the alias instead."""
+    def ask(stream: bool = False) -> httpx.Response:
+        body = {"model": "hidden", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        return client.post(f"{gateway.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {CLIENT_KEY}"})
+
+    standin.script(HIDDEN_MODEL, [{"kind": "status", "status": 404, "message": f"The model `{HIDDEN_MODEL}` does not exist."}])
+    missing = ask()
+    assert missing.status_code == 502 and "The model `hidden` does not exist." in missing.text, missing.text
+    standin.script(HIDDEN_MODEL, [{"kind": "status", "status": 400, "message": f"{HIDDEN_MODEL} does not support tool_choice=required"}])
+    refused = ask()
+    assert refused.status_code == 400 and "hidden does not support tool_choice=required" in refused.text, refused.text
+    first = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": HIDDEN_MODEL,
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": None}]}
+    failing = {"error": {"message": f"{HIDDEN_MODEL} ran out of memory", "code": 500}}
+    events = f"data: {json.dumps(first)}\n\ndata: {json.dumps(failing)}\n\n"
+    standin.script(HIDDEN_MODEL, [{"kind": "raw", "content_type": "text/event-stream", "body": events}])
+    broken = ask(stream=True)
+    assert broken.status_code == 200 and "hidden ran out of memory" in broken.text, broken.text
+    for answer in (missing, refused, broken):
+        assert HIDDEN_MODEL not in answer.text

@@ -56,7 +56,7 @@ from gateway.shaping import KeptBody, asks_for_image, choices_of, decode_answer,
 from gateway.snapshot import CompiledAlias, Target
 from gateway.sse import DONE, SSEDecoder
 from gateway.upstream import MAX_ANSWER_BYTES, UpstreamClient, UpstreamFault, UpstreamStream, retry_after_s
-from gateway.upstream_errors import UpstreamErrorInfo, read_upstream_error, scrub
+from gateway.upstream_errors import UpstreamErrorInfo, read_upstream_error
 
 log = logging.getLogger("gateway.dispatch")
 
@@ -286,7 +286,7 @@ class Dispatcher:
                 # Cancelled (the client left): no verdict on the target.
                 self._health.released(target.key)
                 raise
-            reason = scrub(verdict.reason, target.secrets) if verdict.reason else ""
+            reason = target.in_client_words(verdict.reason) if verdict.reason else ""
             attempts.append(Attempt(target.alias, target.backend_name, verdict.outcome, reason, time.monotonic() - started))
             self._judge(routing, target, verdict, reason)
             if verdict.action == OK:
@@ -343,7 +343,7 @@ class Dispatcher:
     def _stop_error(target: Target, verdict: Verdict, body: Mapping[str, Any], attempts: list[Attempt]) -> GatewayError:
         error = verdict.error
         assert error is not None
-        message = scrub(error.message, target.secrets)
+        message = target.in_client_words(error.message)
         # Point at the upstream's `param` only when it names a field the client sent.
         at: Location | None = (error.at[0],) if error.at and error.at[0] in body else None
         stop = GatewayError(error.code, message, at=at, status=error.status)

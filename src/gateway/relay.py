@@ -134,7 +134,7 @@ async def relay_stream(start: StreamStart, relay: StreamRelay) -> AsyncGenerator
                 yield rendered
             if upstream_error is not None:
                 # Answered here, not raised: this frame holds it, and its traceback would hold this frame.
-                message = scrub(upstream_error.message, secrets)
+                message = start.target.in_client_words(upstream_error.message)
                 log.warning("stream from %s ended by an upstream error: %s", relay.served_alias, message)
                 yield error_event(GatewayError(upstream_error.code, message))
                 return

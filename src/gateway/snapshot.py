@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -37,11 +38,14 @@ from gateway.config.model import AliasSpec, Backend, Config
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
 from gateway.rules import AliasRules, compile_rules
+from gateway.upstream_errors import scrub
 
 BUILTIN_TOTAL_S = 120.0
 BUILTIN_CONNECT_S = 10.0
 BUILTIN_IDLE_S = 60.0
 BUILTIN_RETRIES = 1
+# A model id shorter than this is not looked for in an upstream's words: it reads as a word.
+MIN_MODEL_MENTION_CHARS = 3
 
 
 @attrs.frozen
@@ -90,6 +94,8 @@ class Target:
     key: tuple[str, str, str] = attrs.field(init=False, repr=False)
     # Computed once too: every stream's relay is given them.
     secrets: tuple[str, ...] = attrs.field(init=False, repr=False)
+    # The upstream's id for the model where an upstream's error reason may name it.
+    model_mention: re.Pattern[str] | None = attrs.field(init=False, repr=False, eq=False)
 
     @key.default
     def _health_key(self) -> tuple[str, str, str]:
@@ -109,6 +115,20 @@ class Target:
     @property
     def configured(self) -> bool:
         return self.api_key_env is None or self.api_key is not None
+
+    @model_mention.default
+    def _model_mention(self) -> re.Pattern[str] | None:
+        if self.model == self.alias or len(self.model) < MIN_MODEL_MENTION_CHARS:
+            return None  # nothing to hide, or too short to tell from an ordinary word
+        # Not inside a longer id: "org/model-7b" is not "org/model-7b-instruct" nor "org/model-7b.1".
+        return re.compile(r"(?<![\w./:-])" + re.escape(self.model) + r"(?![\w/:-]|\.\w)")
+
+    def in_client_words(self, text: str) -> str:
+        """An upstream's words (an error's reason) as a client may read them: without the target's
+        secrets, and naming the alias where they name the upstream's model (SPEC §2: which upstream
+        model served goes to the logs and metrics, not to clients)."""
+        text = scrub(text, self.secrets)
+        return self.model_mention.sub(self.alias, text) if self.model_mention is not None else text
 
     @secrets.default
     def _secrets(self) -> tuple[str, ...]:
