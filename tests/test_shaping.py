@@ -92,6 +92,14 @@ def test_what_providers_refuse_without_tools_is_dropped(extra: dict[str, Any], g
     assert not set(gone) & set(out)
 
 
+def test_an_integer_fields_integral_float_goes_up_as_an_integer() -> None:
+    """200.0 passes as a JSON Schema integer; providers that refuse a decimal point there get 200."""
+    body = upstream_body({**BASE, "max_tokens": 200.0, "n": 1.0, "seed": 7, "temperature": 1.0}, target())
+    assert b'"max_tokens":200,' in body and b'"n":1,' in body and b'"seed":7' in body and b'"temperature":1.0' in body
+    renamed = upstream_body({**BASE, "max_tokens": 300.0}, target('rename = { max_tokens = "max_completion_tokens" }'))
+    assert b'"max_completion_tokens":300}' in renamed
+
+
 def test_tools_with_their_choice_are_kept() -> None:
     """Non-empty tools travel with tool_choice and parallel_tool_calls."""
     tools = [{"type": "function", "function": {"name": "f"}}]

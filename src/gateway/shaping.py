@@ -10,7 +10,8 @@ Up (``upstream_body``), from the alias's entry, in this order:
    "not set", SPEC §2); a table merges key by key into the client's object, the
    client's keys winning. A param written under a renamed name lands under the
    provider's name.
-4. What OpenAI-style providers refuse although the gateway accepts it goes:
+4. What OpenAI-style providers refuse although the gateway accepts it goes, or
+   is written as they take it (an integer field's ``200.0`` as ``200``):
    a null in a field the schema does not mark nullable (``"tools": null``), an
    empty ``tools`` or ``functions`` (OpenAI clients send ``"tools": []`` by
    default), and ``tool_choice`` / ``parallel_tool_calls`` / ``function_call``
@@ -36,6 +37,7 @@ import msgspec
 
 from gateway.chunks import Chunks, RawString
 from gateway.errors import nested_too_deeply
+from gateway.facts import FIELD_TYPES, INTEGER
 from gateway.h1 import RequestBody
 from gateway.images import sniff_base64_image_type
 from gateway.snapshot import Target
@@ -51,6 +53,8 @@ def _verbatim(value: Any) -> msgspec.Raw:
 _encode = msgspec.json.Encoder(enc_hook=_verbatim).encode
 
 
+# Known request fields of JSON type integer (an integral float like 200.0 passed the checks).
+INTEGER_FIELDS = tuple(field for field, kinds in FIELD_TYPES.items() if kinds == (INTEGER,))
 # Known request fields the OpenAI schema does not mark nullable: a null there is dropped.
 NOT_NULLABLE = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format")
 # Fields that only mean something next to a non-empty list of tools (or functions).
@@ -83,6 +87,11 @@ def shape_upstream(body: Mapping[str, Any], target: Target) -> dict[str, Any]:
     for field in NOT_NULLABLE:
         if field in shaped and shaped[field] is None:
             del shaped[field]
+    for field in INTEGER_FIELDS:
+        value = shaped.get(field)
+        if type(value) is float:
+            # 200.0 is a JSON Schema integer, so it passed; some providers refuse a decimal point there.
+            shaped[field] = int(value)
     for tools, companions in TOOL_COMPANIONS.items():
         if tools in shaped and shaped[tools] == []:
             del shaped[tools]
