@@ -17,7 +17,15 @@ import pytest
 from conftest import backend_toml
 from gateway.bulk import inspect_in_place
 from gateway.chunks import Chunks
-from gateway.shaping import asks_for_image, client_body, fix_image_uri, fix_images
+from gateway.shaping import (
+    asks_for_image,
+    client_body,
+    fix_image_uri,
+    fix_images,
+    gather_content_images,
+    holds_image,
+    message_images,
+)
 from harness import CLIENT_KEY, STANDIN_SCRIPT, GatewayProcess, StandIn, local_client, serving
 
 
@@ -273,6 +281,77 @@ def test_fix_images_normalises_a_string_image_url() -> None:
     images: list[Any] = [{"type": "image_url", "image_url": f"data:image/webp;base64,{PNG_B64}"}, "junk", {"type": "x"}]
     fix_images(images)
     assert images[0] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}}
+
+
+def test_fix_image_uri_reads_the_scheme_in_any_case() -> None:
+    assert fix_image_uri(f"DATA:image/jpeg;BASE64,{PNG_B64}") == f"data:image/png;base64,{PNG_B64}"
+
+
+def test_fix_images_gives_the_contract_shape_to_the_shapes_providers_use() -> None:
+    """A bare string, {"url"} and {"b64_json"} holding an image become {"type", "image_url": {"url"}};
+    what holds none is left as it was."""
+    right = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}}
+    images: list[Any] = [PNG_B64, {"url": f"data:image/jpeg;base64,{PNG_B64}"}, {"b64_json": PNG_B64, "revised_prompt": "a dot"}]
+    leftovers: list[Any] = ["junk", {"url": "https://cdn.example.com/a.png"}, {"b64_json": "bm90IGFuIGltYWdl"}, {}, None]
+    fix_images(images)
+    assert images == [right, right, {**right, "revised_prompt": "a dot"}]
+    kept = json.loads(json.dumps(leftovers))
+    fix_images(leftovers)
+    assert leftovers == kept
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        {"type": "image_url", "image_url": {"url": "https://cdn.example.com/a.png"}},
+        {"type": "image_url", "image_url": {"url": ""}},
+        {"type": "image_url", "image_url": {"url": None}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"I am text, not a picture").decode()}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!!"}},
+        {},
+    ],
+    ids=["https-url", "empty", "null", "text-bytes", "not-base64", "empty-object"],
+)
+def test_no_usable_image_is_no_image(image: dict[str, Any]) -> None:
+    """A URL (never fetched), an empty entry or text labelled an image gives the client nothing to show."""
+    images = [image]
+    fix_images(images)
+    assert not holds_image(images)
+    assert holds_image([*images, {"image_url": {"url": f"data:image/png;base64,{PNG_B64}"}}])
+
+
+def test_an_image_given_as_a_content_part_joins_the_messages_images() -> None:
+    answer: dict[str, Any] = {"choices": [{"message": {"role": "assistant", "content": [
+        {"type": "text", "text": "here"}, {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{PNG_B64}"}},
+    ]}}]}
+    gather_content_images(answer)
+    assert holds_image(message_images(answer))
+    assert answer["choices"][0]["message"]["images"][0]["image_url"]["url"] == f"data:image/png;base64,{PNG_B64}"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
+def test_an_answer_whose_image_is_no_image_moves_on(stream: bool, gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """nano answers 200 with an https URL for its image: that is no image, so image-gen's next member
+    serves; nano alone ends in 502 no_image_generated."""
+    url_only = {"type": "image_url", "image_url": {"url": "https://cdn.example.com/frog.png"}}
+    if stream:
+        events = [
+            {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "x",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "images": [url_only]}, "finish_reason": None}]},
+            {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ]
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        step = {"kind": "raw", "content_type": "text/event-stream", "body": body}
+    else:
+        answer = {"id": "c", "object": "chat.completion", "created": 1, "model": "x",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "", "images": [url_only]}, "finish_reason": "stop"}]}
+        step = {"kind": "raw", "body": json.dumps(answer)}
+    standin.script(upstream_id("nano"), [step, step])
+    standin.script(upstream_id("big"), [{"kind": "ok"}])
+    served = post(client, gateway, draw("image-gen", stream=stream))
+    assert served.status_code == 200 and served.headers["x-gateway-served-by"] == "big", served.text
+    alone = post(client, gateway, draw("nano", stream=stream))
+    assert alone.status_code == 502 and alone.json()["error"]["code"] == "no_image_generated", alone.text
 
 
 def test_client_body_names_the_serving_alias() -> None:

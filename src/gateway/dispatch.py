@@ -52,7 +52,17 @@ from gateway.config.model import RoutingConfig
 from gateway.errors import GatewayError, Location
 from gateway.h1 import RequestBody
 from gateway.health import HealthBoard
-from gateway.shaping import KeptBody, asks_for_image, choices_of, decode_answer, message_images, upstream_body
+from gateway.shaping import (
+    KeptBody,
+    asks_for_image,
+    choices_of,
+    decode_answer,
+    fix_images,
+    gather_content_images,
+    holds_image,
+    message_images,
+    upstream_body,
+)
 from gateway.snapshot import CompiledAlias, Target
 from gateway.sse import DONE, SSEDecoder
 from gateway.upstream import MAX_ANSWER_BYTES, UpstreamClient, UpstreamFault, UpstreamStream, retry_after_s
@@ -156,8 +166,11 @@ def _has_image_delta(event: Any) -> bool:
         return False
     for choice in choices_of(event):
         delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict) and delta.get("images"):
-            return True
+        images = delta.get("images") if isinstance(delta, dict) else None
+        if isinstance(images, list):
+            fix_images(images)  # a copy: the relay decodes and fixes the event again
+            if holds_image(images):
+                return True
     return False
 
 
@@ -519,8 +532,10 @@ def answer_verdict(target: Target, raw: bytes, *, streaming: bool = False) -> Ve
         return Verdict(RETRY, "invalid_json", "the answer is not JSON")
     if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
         return Verdict(RETRY, "invalid_json", "the answer is not a chat completion")
-    if target.image_output and not message_images(answer):
-        return Verdict(MOVE_ON, "no_image", "the answer holds no image")
+    if target.image_output:
+        gather_content_images(answer)
+        if not holds_image(message_images(answer)):
+            return Verdict(MOVE_ON, "no_image", "the answer holds no image (as a data URI of image bytes)")
     return Verdict(OK, "ok", "", answer=Served(target, answer, []))
 
 

@@ -296,30 +296,55 @@ def choices_of(answer: Mapping[str, Any]) -> list[Any]:
     return choices if isinstance(choices, list) else []
 
 
-def message_images(answer: Mapping[str, Any]) -> list[Any]:
-    """``choices[*].message.images`` of a completion, flattened (empty when none)."""
-    found: list[Any] = []
+def _images_lists(answer: Mapping[str, Any]) -> list[list[Any]]:
+    """Each ``choices[*].message.images`` list of a completion."""
+    lists: list[list[Any]] = []
     for choice in choices_of(answer):
         message = choice.get("message") if isinstance(choice, dict) else None
         images = message.get("images") if isinstance(message, dict) else None
         if isinstance(images, list):
-            found.extend(images)
+            lists.append(images)
+    return lists
+
+
+def message_images(answer: Mapping[str, Any]) -> list[Any]:
+    """``choices[*].message.images`` of a completion, each put in the contract's shape (``fix_images``),
+    flattened (empty when none)."""
+    found: list[Any] = []
+    for images in _images_lists(answer):
+        fix_images(images)
+        found.extend(images)
     return found
+
+
+def gather_content_images(answer: Mapping[str, Any]) -> None:
+    """Add each image a message holds as a content part to its ``images``: the one place SPEC §6
+    names for image output (an image model's answer, once)."""
+    for choice in choices_of(answer):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(content, list):
+            continue
+        parts = [dict(part) for part in content if isinstance(part, dict) and part.get("type") == "image_url"]
+        if parts:
+            images = message.get("images")
+            message["images"] = [*images, *parts] if isinstance(images, list) else parts
 
 
 def fix_image_uri(url: str) -> str:
     """Make an image output a ``data:image/<type>;base64,`` URI naming the type its bytes really are.
 
     Providers label images loosely (a PNG sent as ``image/jpeg``, bare base64
-    without a ``data:`` head); the bytes decide. A URI whose bytes are no known
-    image type is left as it is.
+    without a ``data:`` head, ``DATA:``); the bytes decide. A URI whose bytes are
+    no known image type is left as it is.
     """
     head, sep, payload = url.partition(",")
     if not sep:
         # Bare base64 (no "data:" head): wrap it when its bytes are an image.
-        sniffed = sniff_base64_image_type(url[:64]) if not url.startswith(("data:", "http:", "https:")) else None
+        sniffed = sniff_base64_image_type(url[:64]) if not url[:6].lower().startswith(("data:", "http:", "https:")) else None
         return f"data:image/{sniffed};base64,{url}" if sniffed else url
-    if not head.startswith("data:") or ";base64" not in head:
+    lowered = head.lower()
+    if not lowered.startswith("data:") or ";base64" not in lowered:
         return url
     sniffed = sniff_base64_image_type(payload[:64])
     if sniffed is None:
@@ -329,21 +354,56 @@ def fix_image_uri(url: str) -> str:
 
 
 def fix_images(images: list[Any]) -> None:
-    """Fix each ``{"image_url": {"url": ...}}`` in place (a bare string ``image_url`` becomes that shape)."""
-    for image in images:
+    """Put each image output in the contract's shape, ``{"type": "image_url", "image_url": {"url": ...}}``
+    with the sniffed type, in place. Besides that shape (its ``image_url`` may be a bare string),
+    providers send ``{"url": ...}``, ``{"b64_json": ...}`` or a bare string: those take the shape when
+    they hold an image; anything else is left as it is."""
+    for index, image in enumerate(images):
+        if isinstance(image, str):
+            url = fix_image_uri(image)
+            if is_image_uri(url):
+                images[index] = {"type": "image_url", "image_url": {"url": url}}
+            continue
         if not isinstance(image, dict):
             continue
         image_url = image.get("image_url")
+        if image_url is None:
+            loose = next((image[key] for key in ("url", "b64_json") if isinstance(image.get(key), str)), None)
+            if loose is not None and is_image_uri(url := fix_image_uri(loose)):
+                for key in ("url", "b64_json"):
+                    image.pop(key, None)
+                image.setdefault("type", "image_url")
+                image["image_url"] = {"url": url}
+            continue
         if isinstance(image_url, str):
             image["image_url"] = image_url = {"url": image_url}
         if isinstance(image_url, dict) and isinstance(image_url.get("url"), str):
             image_url["url"] = fix_image_uri(image_url["url"])
 
 
+def is_image_uri(url: str) -> bool:
+    """Whether an image output URI, fixed (``fix_image_uri``), is a data URI of image bytes."""
+    head, _, payload = url.partition(",")
+    sniffed = sniff_base64_image_type(payload[:64]) if head.startswith("data:image/") else None
+    return sniffed is not None and head == f"data:image/{sniffed};base64"
+
+
+def holds_image(images: list[Any]) -> bool:
+    """Whether fixed image outputs (``fix_images``) hold one image a client can use: a data URI of
+    image bytes. A URL (the gateway never fetches one), an empty entry or text labelled as an image
+    is no image: the plan moves on as for an answer without one."""
+    for image in images:
+        image_url = image.get("image_url") if isinstance(image, dict) else None
+        url = image_url.get("url") if isinstance(image_url, dict) else None
+        if isinstance(url, str) and is_image_uri(url):
+            return True
+    return False
+
+
 def client_body(answer: dict[str, Any], served_alias: str) -> bytes:
     """The client's answer: the upstream's body with ``model`` = the alias that served and fixed images."""
     answer["model"] = served_alias
-    fix_images(message_images(answer))
+    message_images(answer)  # puts them in the contract's shape
     return encode(answer)
 
 
