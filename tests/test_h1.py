@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import functools
 import gc
+import socket
 import ssl
+import struct
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self
@@ -235,6 +237,80 @@ async def test_a_connection_the_server_ends_is_not_reused(answer: bytes, connect
         assert server.connections == connections
         await asyncio.sleep(0.05)
         assert pool.open_connections == 0  # their slots are free
+
+
+def answer_first_then(then: str) -> Handler:
+    """Answers a connection's first request; at its second it closes in order ("close") or resets ("reset"),
+    answering nothing: what an upstream whose idle timeout fires as the request arrives does."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        if await server.read_request(reader) is None:
+            return
+        writer.write(ok())
+        await writer.drain()
+        if await server.read_request(reader) is None:
+            return
+        if then == "reset":
+            writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    return handler
+
+
+@in_loop
+async def test_a_reused_connection_closed_as_it_is_reused_sends_the_request_again_on_a_new_one() -> None:
+    """A kept-alive connection the upstream closes in order as the next request arrives, answering nothing,
+    was closed as idle, not for the request: the request goes again once, on a new connection."""
+    async with pool_and_server(answer_first_then("close")) as (pool, server):
+        assert await read_all(await call(pool, server.origin)) == OK_BODY
+        assert await read_all(await call(pool, server.origin, b'{"n":2}')) == OK_BODY
+        assert server.connections == 2 and server.bodies == [b"{}", b'{"n":2}', b'{"n":2}']
+
+
+@in_loop
+async def test_a_reset_is_the_upstreams_fault_and_is_not_sent_again() -> None:
+    async with pool_and_server(answer_first_then("reset")) as (pool, server):
+        assert await read_all(await call(pool, server.origin)) == OK_BODY
+        with pytest.raises(H1Error) as failed:
+            await call(pool, server.origin)
+        assert failed.value.kind == "closed" and not failed.value.quietly
+        assert server.connections == 1
+
+
+@in_loop
+async def test_a_connection_whose_request_is_still_being_written_is_not_reused() -> None:
+    """An upstream that answers (413) before reading a large body and then stops reading: the rest of the
+    body would go out ahead of the next request, which would wait behind it until its time ran out."""
+
+    async def early_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(min(length, 64 * 1024))
+        if length <= 64 * 1024:
+            writer.write(ok())
+            return
+        writer.write(ok(b'{"error":"too large"}').replace(b"200 OK", b"413 Payload Too Large"))
+        await writer.drain()
+        await asyncio.sleep(5)  # reads nothing more
+
+    async with pool_and_server(early_answer) as (pool, server):
+        big = b"x" * (16 << 20)
+        response = await pool.send(server.origin, head_for(server.origin, big), big, connect_timeout_s=2)
+        assert response.status == 413 and await read_all(response)
+        await asyncio.wait_for(call(pool, server.origin), 2)
+        assert server.connections == 2
+
+
+@in_loop
+async def test_an_idle_connection_the_upstream_closed_is_not_handed_out() -> None:
+    """A connection the upstream closed while idle (its FIN read, the close not yet complete) is not reused."""
+    async with pool_and_server(answering(once=True)) as (pool, server):
+        assert await read_all(await call(pool, server.origin)) == OK_BODY
+        await asyncio.sleep(0.05)
+        assert await read_all(await call(pool, server.origin)) == OK_BODY
+        assert server.connections == 2 and len(server.bodies) == 2
 
 
 @in_loop

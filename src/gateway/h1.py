@@ -53,6 +53,9 @@ BUFFER_BYTES = 1 << 20
 MAX_HEAD_BYTES = 64 * 1024
 # A request up to this size goes out as one write: head and body joined.
 JOIN_LIMIT = 64 * 1024
+# A reused connection closed this soon after the request, with no byte of answer, was closed by
+# the upstream as it sat idle, not because of the request: the request goes again on a new one.
+STALE_CLOSE_S = 0.5
 
 # A request body: bytes, or pieces written one after the other (a large body with
 # one value spliced in, sent without copying the megabytes around it).
@@ -64,16 +67,18 @@ def body_length(body: RequestBody) -> int:
 
 
 class H1Error(Exception):
-    def __init__(self, kind: str, detail: str, *, errno: int | None = None, partial: bool = False) -> None:
+    def __init__(self, kind: str, detail: str, *, errno: int | None = None, partial: bool = False, quietly: bool = False) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
         self.errno = errno
         self.partial = partial
+        # "closed" by the upstream's orderly close (no reset), before any byte of answer.
+        self.quietly = quietly
 
     def again(self) -> H1Error:
         """The same error, as a new exception without a traceback."""
-        return H1Error(self.kind, self.detail, errno=self.errno, partial=self.partial)
+        return H1Error(self.kind, self.detail, errno=self.errno, partial=self.partial, quietly=self.quietly)
 
 
 def errno_words(number: object) -> str:
@@ -213,6 +218,7 @@ class _Connection(asyncio.Protocol):
         self._body_until_eof = False
         self._received_any = False
         self._keep_alive = False
+        self._eof = False
 
     # asyncio.Protocol
 
@@ -234,6 +240,9 @@ class _Connection(asyncio.Protocol):
             self._abort()
 
     def eof_received(self) -> bool | None:
+        self._eof = True
+        if self._head_waiter is None and self._response is None:
+            self.closed = True  # idle: not to be handed out again before connection_lost comes
         return None  # close the transport; connection_lost settles the answer
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -242,7 +251,7 @@ class _Connection(asyncio.Protocol):
             self._end_body()  # a body without length or chunks ends with the connection
         partial = self._received_any
         detail = "the answer was cut off" if partial else "the upstream closed the connection"
-        self._fail(H1Error("closed", detail, partial=partial))
+        self._fail(H1Error("closed", detail, partial=partial, quietly=self._eof and exc is None and not partial))
         self.pool._lost(self)
         # The parser calls back into this connection: let go of it, or the two would wait for a
         # garbage collection, with whatever the connection still holds.
@@ -358,7 +367,12 @@ class _Connection(asyncio.Protocol):
     def release(self, reusable: bool) -> None:
         self._response = None
         self._head_waiter = None
-        if reusable and self._keep_alive and not self.closed and not self._reading_paused:
+        # A request still being written (an upstream that answered before reading it all, a 413 say)
+        # would go out ahead of the next one: such a connection is not reused.
+        if (
+            reusable and self._keep_alive and not self.closed and not self._reading_paused
+            and self.transport is not None and not self.transport.get_write_buffer_size()
+        ):
             self.pool._put(self)
         else:
             self._abort()
@@ -423,16 +437,31 @@ class H1Pool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + answer_timeout_s
         connection = self._take_idle(origin)
-        if connection is None:
+        if connection is not None:
+            sent_at = loop.time()
             try:
-                async with asyncio.timeout(min(connect_timeout_s, answer_timeout_s)):
-                    connection = await self._acquire(origin)
-            except TimeoutError:
-                if answer_timeout_s <= connect_timeout_s:
+                return await self._exchange(connection, head, body, deadline)
+            except H1Error as error:
+                # An upstream that closes a kept-alive connection as it is reused (its idle timeout
+                # firing while the request is on its way) closes it in order, answering nothing, at
+                # once: the request goes again, once, on a new connection, instead of failing as a
+                # fault of the upstream. A reset, or a close after a while, is the upstream's.
+                if not error.quietly or loop.time() - sent_at > STALE_CLOSE_S:
                     raise
-                raise H1Error("connect_timeout", "no connection in time") from None
+        remaining_s = deadline - loop.time()
+        try:
+            async with asyncio.timeout(min(connect_timeout_s, remaining_s)):
+                connection = await self._acquire(origin)
+        except TimeoutError:
+            if remaining_s <= connect_timeout_s:
+                raise
+            raise H1Error("connect_timeout", "no connection in time") from None
+        return await self._exchange(connection, head, body, deadline)
+
+    @staticmethod
+    async def _exchange(connection: _Connection, head: bytes, body: RequestBody, deadline: float) -> H1Response:
         waiter = connection.send(head, body)
-        timer = loop.call_at(deadline, _expire, waiter) if answer_timeout_s != math.inf else None
+        timer = asyncio.get_running_loop().call_at(deadline, _expire, waiter) if deadline != math.inf else None
         try:
             return await waiter
         except BaseException:
