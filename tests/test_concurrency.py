@@ -406,6 +406,41 @@ def test_wait_in_line_runs_out_with_429(idle_standin: StandIn, gateway_factory: 
     assert standin.wait_for_cancelled(1, timeout_s=5)
 
 
+def test_a_request_whose_time_runs_out_in_line_never_reaches_the_upstream(idle_standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """An alias of timeout_s = 1 waiting behind a long call on a backend of one slot: its time runs out in
+    line, so it is 429 concurrency_limit_exceeded, it is not sent, and the busy but healthy backend is not
+    blamed. Before, it waited the queue's 30 s, was sent dead, answered 504 with a negative timeout and
+    counted as the target failing, until the GPU was cooled down for everyone."""
+    standin = idle_standin
+    config = gated_config(standin, max_concurrency=1, max_queue=8, queue_timeout_s=30)
+    gateway = gateway_factory(config + '\n[models."short"]\nbackend = "gpu"\nmodel = "local-up"\ntimeout_s = 1\n')
+
+    async def scenario() -> tuple[list[tuple[int, str]], float, int]:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+            holder = asyncio.create_task(run_stream(client, gateway.url, stream_body("holder", {"kind": "hang", "hang_s": 30})))
+            while not standin.connections()["in_flight"]:
+                await asyncio.sleep(POLL_S)
+            started = time.monotonic()
+            short = {"model": "short", "messages": [{"role": "user", "content": "late"}]}
+            answers = await asyncio.gather(*(
+                client.post(f"{gateway.url}/v1/chat/completions", json={**short, "stream": stream}, headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+                for stream in (False, True, False)
+            ))
+            waited = time.monotonic() - started
+            holder.cancel()
+            await asyncio.gather(holder, return_exceptions=True)
+            on_time = {**short, "messages": [{"role": "user", "content": "on time"}]}
+            after = await client.post(f"{gateway.url}/v1/chat/completions", json=on_time, headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+            return [(a.status_code, a.text) for a in answers], waited, after.status_code
+
+    answers, waited, after = asyncio.run(scenario())
+    for status, text in answers:
+        assert status == 429 and "concurrency_limit_exceeded" in text and "its request had left" in text, text
+    assert waited < 5
+    assert [r["body"]["messages"][0]["content"] for r in standin.requests()] == ["holder", "on time"]
+    assert after == 200  # the backend was not cooled down for being busy
+
+
 def test_no_slot_leaks_after_clients_leave(idle_standin: StandIn, gateway_factory: GatewayFactory) -> None:
     """Holders that leave mid-stream and waiters that leave the line give everything back: 2 new streams run at once."""
     standin = idle_standin

@@ -555,7 +555,7 @@ def test_backend_slots_are_released_on_every_path() -> None:
             self.held = 0
             self.taken = 0
 
-        async def acquire(self, target: Target) -> Any:
+        async def acquire(self, target: Target, request_left_s: float = 0.0) -> Any:
             self.held += 1
             self.taken += 1
             slots = self
@@ -580,7 +580,7 @@ def test_busy_backend_moves_on_and_alone_is_429() -> None:
     """A backend slot refusal (queue full) moves on without a call; with nothing else to try the 429 reaches the client."""
 
     class Full:
-        async def acquire(self, target: Target) -> Any:
+        async def acquire(self, target: Target, request_left_s: float = 0.0) -> Any:
             if target.alias == "a":
                 raise GatewayError("concurrency_limit_exceeded", "busy", headers={"retry-after": "3"})
 

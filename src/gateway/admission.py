@@ -5,8 +5,8 @@ Two hooks:
   upstream call (rates per key and per alias); it raises ``GatewayError`` 429 or
   returns a ``Ticket`` whose ``headers`` go on the answer and whose
   ``settle(usage)`` is called with the serving attempt's usage at the end.
-- ``BackendSlots.acquire(target)`` runs before each upstream attempt (the
-  concurrency of a backend, see ``concurrency``); the returned ``Slot`` is
+- ``BackendSlots.acquire(target, request_left_s)`` runs before each upstream attempt
+  (the concurrency of a backend, see ``concurrency``); the returned ``Slot`` is
   released when the attempt ends, or for a stream when the stream ends or its
   client leaves.
 
@@ -69,7 +69,7 @@ class Slot(Protocol):
 
 
 class BackendSlots(Protocol):
-    async def acquire(self, target: Target) -> Slot: ...
+    async def acquire(self, target: Target, request_left_s: float = ...) -> Slot: ...
 
 
 class _NoTicket:
@@ -100,7 +100,7 @@ NO_SLOT = _NoSlot()
 
 
 class Unlimited:
-    async def acquire(self, target: Target) -> Slot:
+    async def acquire(self, target: Target, request_left_s: float = math.inf) -> Slot:
         return NO_SLOT
 
 

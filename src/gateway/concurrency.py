@@ -90,7 +90,9 @@ class Gate:
         self.capacity = capacity
         self._hand_over()
 
-    async def acquire(self, alias: str, max_queue: int, timeout_s: float) -> Slot:
+    async def acquire(self, alias: str, max_queue: int, timeout_s: float, request_left_s: float = math.inf) -> Slot:
+        """A slot, waiting in line up to ``timeout_s``, and never past the ``request_left_s`` its
+        request has: a request whose time ran out in line must not reach the upstream."""
         if not self.waiters:
             index = self._take()
             if index is not None:
@@ -101,12 +103,14 @@ class Gate:
         self.waiters.append(turn)
         self._poll_soon()
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(min(timeout_s, request_left_s)):
                 index = await turn
         except TimeoutError:
             if not self._handed(turn):
                 self._leave(turn)
-                raise self._busy(alias, f"no slot came free within {timeout_s:g} s") from None
+                if timeout_s <= request_left_s:
+                    raise self._busy(alias, f"no slot came free within {timeout_s:g} s") from None
+                raise self._busy(alias, f"no slot came free in the {max(request_left_s, 0):.3g} s its request had left") from None
             index = turn.result()
         except asyncio.CancelledError:
             if self._handed(turn):
@@ -197,7 +201,7 @@ class BackendGates:
         self._shared = shared
         self._gates: dict[str, Gate] = {}
 
-    async def acquire(self, target: Target) -> Slot:
+    async def acquire(self, target: Target, request_left_s: float = math.inf) -> Slot:
         config = self._config()
         backend: Backend | None = config.backends.get(target.backend_name) if config is not None else None
         if backend is None or backend.max_concurrency is None:
@@ -210,7 +214,7 @@ class BackendGates:
             gate.resize(backend.max_concurrency)
         max_queue = backend.max_queue if backend.max_queue is not None else DEFAULT_MAX_QUEUE
         timeout_s = backend.queue_timeout_s if backend.queue_timeout_s is not None else DEFAULT_QUEUE_TIMEOUT_S
-        return await gate.acquire(target.alias, max_queue, timeout_s)
+        return await gate.acquire(target.alias, max_queue, timeout_s, request_left_s)
 
     def gate(self, backend: str) -> Gate | None:
         """The gate of a backend, if it has one yet (for status pages and tests)."""

@@ -366,7 +366,7 @@ class Dispatcher:
     # ------------------------------------------------------------ one attempt
 
     async def _attempt_complete(self, target: Target, payload: RequestBody, deadline: float) -> Verdict:
-        slot = await self._slots.acquire(target)
+        slot = await self._slots.acquire(target, deadline - time.monotonic())
         try:
             return await self._call_complete(target, payload, deadline)
         finally:
@@ -402,7 +402,7 @@ class Dispatcher:
             return b""
 
     async def _attempt_stream(self, target: Target, payload: RequestBody, deadline: float) -> Verdict:
-        slot = await self._slots.acquire(target)
+        slot = await self._slots.acquire(target, deadline - time.monotonic())
         try:
             verdict = await self._call_stream(target, payload, deadline)
         except BaseException:
