@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
+from pathlib import Path
 from typing import Any, Self
 
 import httpx
@@ -173,6 +174,29 @@ def test_gates_follow_the_serving_config() -> None:
     assert asyncio.run(scenario()) == (2, 2, True)
 
 
+def test_a_reload_that_raises_the_capacity_starts_the_line_at_once() -> None:
+    """follow (what each reload calls) starts waiters a raised max_concurrency lets in, without a newcomer."""
+    text = '[backends.gpu]\nbase_url = "http://127.0.0.1:9"\nmax_concurrency = 1\n[models.local]\nbackend = "gpu"\nmodel = "x"\n'
+    current: list[Config] = [parse_config(text.encode())]
+    gates = BackendGates(lambda: current[0])
+    local = build_snapshot(current[0], environ={}).aliases["local"].targets[0]
+
+    async def scenario() -> int:
+        holder = await gates.acquire(local)
+        waiting = [asyncio.create_task(gates.acquire(local)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in waiting)
+        gates.follow(parse_config(text.replace("max_concurrency = 1", "max_concurrency = 3").encode()))
+        await asyncio.sleep(0)
+        started = sum(task.done() for task in waiting)
+        holder.release()
+        for slot in await asyncio.gather(*waiting):
+            slot.release()
+        return started
+
+    assert asyncio.run(scenario()) == 2
+
+
 # ---------------------------------------------------------------- gates of several workers
 
 
@@ -193,7 +217,9 @@ class WorkerView:
     def __init__(self, shared: SharedFile, name: str) -> None:
         self._shared, self._name = shared, name
 
-    def take(self, capacity: int, held: AbstractSet[int]) -> int | None:
+    def take(self, capacity: int, held: AbstractSet[int], reach: int = 0) -> int | None:
+        if len(self._shared.owners) >= capacity:
+            return None  # every worker's calls count, slots above a lowered capacity too
         for index in range(capacity):
             if index not in held and self._shared.owners.get(index, self._name) == self._name:
                 self._shared.owners[index] = self._name
@@ -439,6 +465,34 @@ def test_a_request_whose_time_runs_out_in_line_never_reaches_the_upstream(idle_s
     assert waited < 5
     assert [r["body"]["messages"][0]["content"] for r in standin.requests()] == ["holder", "on time"]
     assert after == 200  # the backend was not cooled down for being busy
+
+
+def test_raising_max_concurrency_by_reload_starts_the_waiting_line(idle_standin: StandIn, gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    """One call runs and two wait on a backend of one slot; models.toml raised to three starts both
+    waiting calls within the reload's time, with no new request to wake the line."""
+    standin = idle_standin
+    config = gated_config(standin, max_concurrency=1, max_queue=5, queue_timeout_s=30)
+    gateway = gateway_factory(config)
+
+    async def scenario() -> int:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+            calls = [asyncio.create_task(run_stream(client, gateway.url, stream_body(f"c{i}", {"kind": "hang", "hang_s": 20}))) for i in range(3)]
+            while not standin.connections()["in_flight"]:
+                await asyncio.sleep(POLL_S)
+            await asyncio.sleep(0.3)
+            assert standin.connections()["in_flight"] == 1
+            (tmp_path / "models.toml").write_text(config.replace("max_concurrency = 1", "max_concurrency = 3"))
+            deadline = time.monotonic() + 5
+            while standin.connections()["in_flight"] < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(POLL_S)
+            in_flight = int(standin.connections()["in_flight"])
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            return in_flight
+
+    assert asyncio.run(scenario()) == 3
+    assert wait_idle(standin) == 0
 
 
 def test_no_slot_leaks_after_clients_leave(idle_standin: StandIn, gateway_factory: GatewayFactory) -> None:

@@ -44,9 +44,44 @@ def hold_elsewhere(path: Path, count: int, capacity: int) -> tuple[subprocess.Po
     return holder, holder.stdout.readline().strip()
 
 
+# A second process that holds exactly the slots it is told to (by their index).
+HOLDER_AT = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+    for index in map(int, sys.argv[2:]):
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, index, os.SEEK_SET)
+    print("held", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def hold_elsewhere_at(path: Path, indexes: list[int]) -> tuple[subprocess.Popen[str], str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER_AT, str(path), *map(str, indexes)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None
+    return holder, holder.stdout.readline().strip()
+
+
 def stop(holder: subprocess.Popen[str]) -> None:
     holder.kill()
     holder.communicate(timeout=10)  # also closes its pipes
+
+
+def test_slots_held_above_a_lowered_capacity_still_count(tmp_path: Path) -> None:
+    """Capacity 4 lowered to 2 while another worker holds slots 2 and 3: 2 calls are in flight, so
+    nothing new starts until one ends. Looked at only below the new capacity, 0 looked free."""
+    path = tmp_path / "gpu.slots"
+    slots = SlotFile(path)
+    holder, _ = hold_elsewhere_at(path, [2, 3])  # begun while the capacity was 4
+    try:
+        assert slots.take(2, set(), reach=4) is None
+        assert slots.take(3, set(), reach=4) == 0
+        assert slots.take(3, {0}, reach=4) is None
+    finally:
+        stop(holder)
 
 
 def test_slots_held_by_another_process_are_skipped_and_come_back_when_it_dies(tmp_path: Path) -> None:

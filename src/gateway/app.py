@@ -193,9 +193,9 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         admission = RateAdmission(config)
         # Workers of one `gateway serve` share each backend's slots (none to share in one process).
         slot_files = SlotDirectory.from_environment()
-        dispatcher = Dispatcher(
-            state.client, state.health, routing, slots=BackendGates(config, slot_files), on_attempts=partial(count_attempts, metrics)
-        )
+        gates = BackendGates(config, slot_files)
+        holder.on_swap.append(gates.follow)
+        dispatcher = Dispatcher(state.client, state.health, routing, slots=gates, on_attempts=partial(count_attempts, metrics))
         state.completions = CompletionService(holder, dispatcher, metrics, admission=admission)
         state.live_reload = LiveReload(holder)
         await state.live_reload.start()

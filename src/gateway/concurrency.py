@@ -10,8 +10,11 @@ How it works:
 3. ``release`` hands the slot straight to the first waiter, so a newcomer never
    overtakes the line. A waiter whose client leaves drops out of the line; one
    that was handed a slot just as it left passes the slot on.
-4. Limits are read from the serving config on every acquire: a reload changes a
-   gate's capacity in place, and calls in flight stay counted across it.
+4. Limits are read from the serving config on every acquire, and each reload hands
+   the new config to the gates (``follow``): a reload changes a gate's capacity in
+   place, a raised one starts waiters at once, and calls in flight stay counted
+   across it (with several workers, a lowered capacity counts the calls still
+   holding slots above it).
 
 Several workers (``gateway serve --workers N``) share each backend's slots
 through a slot file (``gateway.shared_slots``): a slot is taken only when no
@@ -53,7 +56,7 @@ UNSHARED = 0
 class SharedSlots(Protocol):
     """Slots held across processes (``shared_slots.SlotFile``)."""
 
-    def take(self, capacity: int, held: AbstractSet[int]) -> int | None: ...
+    def take(self, capacity: int, held: AbstractSet[int], reach: int = 0) -> int | None: ...
 
     def give_back(self, index: int) -> None: ...
 
@@ -79,6 +82,7 @@ class Gate:
 
     def __init__(self, capacity: int, shared: SharedSlots | None = None) -> None:
         self.capacity = capacity
+        self.reach = capacity  # the highest capacity yet: slots up to it may still be held
         self.active = 0
         self.waiters: deque[asyncio.Future[int]] = deque()
         self.mean_hold_s = 1.0
@@ -88,6 +92,7 @@ class Gate:
 
     def resize(self, capacity: int) -> None:
         self.capacity = capacity
+        self.reach = max(self.reach, capacity)
         self._hand_over()
 
     async def acquire(self, alias: str, max_queue: int, timeout_s: float, request_left_s: float = math.inf) -> Slot:
@@ -155,7 +160,7 @@ class Gate:
             return None
         index = UNSHARED
         if self._shared is not None:
-            taken = self._shared.take(self.capacity, self._held)
+            taken = self._shared.take(self.capacity, self._held, self.reach)
             if taken is None:
                 return None
             index = taken
@@ -215,6 +220,14 @@ class BackendGates:
         max_queue = backend.max_queue if backend.max_queue is not None else DEFAULT_MAX_QUEUE
         timeout_s = backend.queue_timeout_s if backend.queue_timeout_s is not None else DEFAULT_QUEUE_TIMEOUT_S
         return await gate.acquire(target.alias, max_queue, timeout_s, request_left_s)
+
+    def follow(self, config: Config) -> None:
+        """A reload swapped ``config`` in: gates take its capacities at once, so a raised
+        ``max_concurrency`` starts the calls waiting in line without waiting for a newcomer."""
+        for name, gate in self._gates.items():
+            backend = config.backends.get(name)
+            if backend is not None and backend.max_concurrency is not None and backend.max_concurrency != gate.capacity:
+                gate.resize(backend.max_concurrency)
 
     def gate(self, backend: str) -> Gate | None:
         """The gate of a backend, if it has one yet (for status pages and tests)."""

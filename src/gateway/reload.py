@@ -28,14 +28,14 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
 
 from gateway.auth import KeyRing
 from gateway.changes import diff_configs
-from gateway.config import ConfigError, ConfigIssue, parse_config
+from gateway.config import Config, ConfigError, ConfigIssue, parse_config
 from gateway.keys import build_keyring, keys_file_path
 from gateway.metrics import Metrics
 from gateway.snapshot import Snapshot, build_snapshot
@@ -140,6 +140,8 @@ class SnapshotHolder:
         self.last_error_at: float | None = None
         self._keys_path_seen: Path | None = None
         self._lock = asyncio.Lock()
+        # Told each configuration swapped in (on the event loop's thread, once it runs).
+        self.on_swap: list[Callable[[Config], None]] = []
         last_good = self.environ.get(LAST_GOOD_ENV)
         self.last_good_dir = Path(last_good) if last_good else None
 
@@ -244,6 +246,8 @@ class SnapshotHolder:
             return False
         old = self.serving
         self.serving = new  # the swap: one assignment
+        for listener in self.on_swap:
+            listener(new.snapshot.config)
         self.last_error = self.last_error_at = None
         self.metrics.inc("gateway_config_reloads_total", result="ok")
         self._log_loaded(old, new, reason)

@@ -63,11 +63,16 @@ class SlotFile:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._warned = False
 
-    def take(self, capacity: int, held: AbstractSet[int]) -> int | None:
+    def take(self, capacity: int, held: AbstractSet[int], reach: int = 0) -> int | None:
         """Lock the first slot below ``capacity`` that no process holds; None when all are held.
 
         ``held``: the slots this process holds already (locking them again would succeed).
+        ``reach``: the highest capacity this backend has had. After a reload lowered it, slots
+        above the new capacity may still be held by calls begun before: they count too, so
+        nothing new starts until fewer than ``capacity`` calls are in flight in all.
         """
+        if reach > capacity:
+            return self._take_counting(capacity, held, reach)
         for index in range(capacity):
             if index in held:
                 continue
@@ -80,6 +85,29 @@ class SlotFile:
                 return index  # counted in this worker only, as if unshared
             return index
         return None
+
+    def _take_counting(self, capacity: int, held: AbstractSet[int], reach: int) -> int | None:
+        in_flight = len(held)
+        free: int | None = None
+        for index in range(reach):
+            if index in held:
+                continue
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, index, os.SEEK_SET)
+            except OSError as exc:
+                if exc.errno in HELD_ELSEWHERE:
+                    in_flight += 1
+                    continue
+                self._warn(exc)
+                return index if index < capacity else None
+            if free is None and index < capacity:
+                free = index  # kept locked: the one to take, if the count allows
+            else:
+                self.give_back(index)  # only looked at
+        if free is not None and in_flight >= capacity:
+            self.give_back(free)
+            return None
+        return free
 
     def give_back(self, index: int) -> None:
         try:
