@@ -275,6 +275,12 @@ def _check_backend_values(raw: Mapping[str, Any], path: ConfigPath) -> Iterator[
 
 def _url_problem(url: str) -> str | None:
     """What keeps ``url`` from being a backend's base URL, or None."""
+    if not all("!" <= c <= "~" for c in url):
+        # A request line and a Host header hold ASCII without spaces: anything else breaks every request.
+        return (
+            "holds a space or a character beyond printable ASCII: percent-encode it in the path "
+            "(%20 for a space), and write an international host name in its xn-- form"
+        )
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
