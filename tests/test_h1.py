@@ -17,7 +17,7 @@ import pytest
 
 from gateway import h1
 from gateway.h1 import H1Error, H1Pool, H1Response, Origin, body_length, request_head
-from gateway.upstream import UpstreamClient, UpstreamFault
+from gateway.upstream import UpstreamClient, UpstreamFault, UpstreamStream
 from harness import cyclic_garbage_now
 from test_upstream_prepare import target
 
@@ -311,6 +311,31 @@ async def test_an_idle_connection_the_upstream_closed_is_not_handed_out() -> Non
         await asyncio.sleep(0.05)
         assert await read_all(await call(pool, server.origin)) == OK_BODY
         assert server.connections == 2 and len(server.bodies) == 2
+
+
+@in_loop
+async def test_a_stream_whose_end_follows_its_done_keeps_its_connection() -> None:
+    """An SSE answer whose chunked end comes in a later write than its [DONE]: finishing it for a moment
+    lets the connection be kept; closed at [DONE], each stream cost the next call a new connection."""
+
+    async def done_then_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while await server.read_request(reader) is not None:
+            event = b"data: [DONE]\n\n"
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async with pool_and_server(done_then_end) as (pool, server):
+        for _ in range(3):
+            response = await call(pool, server.origin)
+            stream = UpstreamStream(response.status, response.headers, response, idle_s=2, ends_at=asyncio.get_running_loop().time() + 5)
+            assert await stream.next_chunk() == b"data: [DONE]\n\n"
+            await stream.finish(within_s=0.25)
+            await stream.aclose()
+        assert server.connections == 1
 
 
 @in_loop

@@ -82,6 +82,8 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 ERROR_BODY_WAIT_S = 5.0
 
 OK, RETRY, MOVE_ON, STOP = "ok", "retry", "move_on", "stop"
+# How long a stream's end may follow its [DONE] and still keep the connection for the next call.
+FINISH_AFTER_DONE_S = 0.25
 
 
 @attrs.frozen
@@ -131,11 +133,16 @@ class StreamStart:
     finished: bool               # the upstream already sent [DONE] or ended
     slot: Slot = NO_SLOT         # the backend slot the stream holds until it ends
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, answered: bool = False) -> None:
+        """Close the stream and free its slot. ``answered``: the upstream said [DONE], so the rest of
+        its body (the end of its chunked framing, which may come in a later read) is awaited a little,
+        letting the connection be kept for the next call instead of aborted."""
+        self.slot.release()
         try:
-            await self.stream.aclose()
+            if answered:
+                await self.stream.finish(within_s=FINISH_AFTER_DONE_S)
         finally:
-            self.slot.release()
+            await self.stream.aclose()
 
 
 def calls_made(attempts: list[Attempt]) -> int:

@@ -139,6 +139,20 @@ class UpstreamStream:
                 break
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def finish(self, within_s: float, max_bytes: int = 64 * 1024) -> None:
+        """Read what is left of a finished answer, for at most ``within_s`` and ``max_bytes``, so its
+        connection can be kept: an answer that does not end in that time closes as ``aclose`` says."""
+        ends_at = time.monotonic() + within_s
+        read = 0
+        try:
+            while read <= max_bytes and (left_s := ends_at - time.monotonic()) > 0:
+                chunk = await self._body.next_chunk(left_s)
+                if chunk is None:
+                    return
+                read += len(chunk)
+        except (TimeoutError, H1Error, OSError):
+            pass
+
     async def aclose(self) -> None:
         """Close once; a body not read to its end closes the connection, telling the upstream to stop."""
         if self._closed:

@@ -238,7 +238,7 @@ class CompletionService:
             with OverdueCutoff(start.stream.ends_at + STALLED_CLIENT_GRACE_S - time.monotonic()):
                 await send_stream(send, relay_stream(start, relay), headers)
         finally:
-            await start.aclose()
+            await start.aclose(answered=relay.done)
             ticket.settle(relay.usage)
             self._count(alias.name, start.target, relay.usage)
 
