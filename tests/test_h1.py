@@ -339,6 +339,22 @@ async def test_a_stream_whose_end_follows_its_done_keeps_its_connection() -> Non
 
 
 @in_loop
+async def test_idle_connections_are_closed_once_expired_without_traffic() -> None:
+    """A burst's connections, idle past keepalive_s, are closed even if no call comes to find them
+    (and with calls that only ever reuse the newest)."""
+    async with pool_and_server(answer_each_request, keepalive_s=0.1) as (pool, server):
+        responses = await asyncio.gather(*(call(pool, server.origin) for _ in range(5)))
+        for response in responses:
+            await read_all(response)
+        assert pool.open_connections == 5
+        for _ in range(4):  # one call at a time: the newest is reused, the rest only age
+            await asyncio.sleep(0.06)
+            await read_all(await call(pool, server.origin))
+        await asyncio.sleep(0.35)
+        assert pool.open_connections == 0
+
+
+@in_loop
 async def test_idle_connections_expire() -> None:
     async with pool_and_server(answer_each_request, keepalive_s=0.05) as (pool, server):
         assert await read_all(await call(pool, server.origin)) == OK_BODY

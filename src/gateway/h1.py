@@ -10,7 +10,7 @@ quarter of the gateway's whole cost per small request.
 
 What it does, and no more:
 - one pool of idle connections per origin (scheme, host, port), reused newest
-  first, dropped once idle for ``keepalive_s`` (under uvicorn's default of 5 s,
+  first, closed once idle for ``keepalive_s`` (under uvicorn's default of 5 s,
   so a reused connection is not one the server is about to close), and at
   most ``max_connections`` open in all, later callers queueing for a slot;
 - a request is written in one piece when small, head then body when large (a
@@ -417,6 +417,7 @@ class H1Pool:
         # Each waiter gets a released connection of its origin, or None: a slot to connect in.
         self._waiters: collections.deque[tuple[Origin, asyncio.Future[_Connection | None]]] = collections.deque()
         self._connections: set[_Connection] = set()
+        self._reaper: asyncio.TimerHandle | None = None
 
     @property
     def open_connections(self) -> int:
@@ -579,6 +580,20 @@ class H1Pool:
             return
         connection.idle_since = time.monotonic()
         idle.append(connection)
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(self.keepalive_s, self._reap)
+
+    def _reap(self) -> None:
+        """Close the connections idle for ``keepalive_s``: taking one looks at the newest only,
+        and an upstream with a long idle timeout of its own would keep the others open for good."""
+        self._reaper = None
+        expired_before = time.monotonic() - self.keepalive_s
+        for idle in self._idle.values():
+            # Oldest first, as they were put back.
+            while idle and (idle[0].closed or idle[0].idle_since < expired_before):
+                idle.pop(0)._abort()
+        if any(self._idle.values()):
+            self._reaper = asyncio.get_running_loop().call_later(self.keepalive_s, self._reap)
 
     def _lost(self, connection: _Connection) -> None:
         if connection in self._connections:
@@ -586,6 +601,9 @@ class H1Pool:
             self._give_slot()
 
     async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for connection in list(self._connections):
             connection._abort()
         self._idle.clear()
