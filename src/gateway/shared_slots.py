@@ -40,6 +40,8 @@ log = logging.getLogger("gateway.concurrency")
 SHARED_DIR_ENV = "GATEWAY_SHARED_DIR"
 # What a non-blocking lock attempt raises when another process holds the byte.
 HELD_ELSEWHERE = {errno.EACCES, errno.EAGAIN}
+# What a try to lock one slot finds.
+TAKEN, HELD, BROKEN = "taken", "held", "broken"
 
 
 def map_table(path: Path, size: int) -> tuple[int, mmap.mmap]:
@@ -74,16 +76,8 @@ class SlotFile:
         if reach > capacity:
             return self._take_counting(capacity, held, reach)
         for index in range(capacity):
-            if index in held:
-                continue
-            try:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, index, os.SEEK_SET)
-            except OSError as exc:
-                if exc.errno in HELD_ELSEWHERE:
-                    continue
-                self._warn(exc)
-                return index  # counted in this worker only, as if unshared
-            return index
+            if index not in held and self._lock(index) is not HELD:
+                return index  # taken, or broken: then counted in this worker only, as if unshared
         return None
 
     def _take_counting(self, capacity: int, held: AbstractSet[int], reach: int) -> int | None:
@@ -92,15 +86,12 @@ class SlotFile:
         for index in range(reach):
             if index in held:
                 continue
-            try:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, index, os.SEEK_SET)
-            except OSError as exc:
-                if exc.errno in HELD_ELSEWHERE:
-                    in_flight += 1
-                    continue
-                self._warn(exc)
+            state = self._lock(index)
+            if state is HELD:
+                in_flight += 1
+            elif state is BROKEN:
                 return index if index < capacity else None
-            if free is None and index < capacity:
+            elif free is None and index < capacity:
                 free = index  # kept locked: the one to take, if the count allows
             else:
                 self.give_back(index)  # only looked at
@@ -108,6 +99,17 @@ class SlotFile:
             self.give_back(free)
             return None
         return free
+
+    def _lock(self, index: int) -> str:
+        """Try to lock slot ``index``: TAKEN, HELD (by another process) or BROKEN (the file failed)."""
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, index, os.SEEK_SET)
+        except OSError as exc:
+            if exc.errno in HELD_ELSEWHERE:
+                return HELD
+            self._warn(exc)
+            return BROKEN
+        return TAKEN
 
     def give_back(self, index: int) -> None:
         try:
