@@ -62,9 +62,14 @@ FILE_HEADER = (
 
 def keys_file_path(config: Config, config_path: Path) -> Path | None:
     """The keys file this config names, resolved next to models.toml; None when it names none."""
-    if not config.auth.keys_file:
+    return _beside(config.auth.keys_file, config_path)
+
+
+def _beside(named: object, config_path: Path) -> Path | None:
+    """A keys file path as models.toml names it, resolved next to models.toml; None for none."""
+    if not isinstance(named, str) or not named:
         return None
-    path = Path(config.auth.keys_file)
+    path = Path(named)
     return path if path.is_absolute() else config_path.parent / path
 
 
@@ -75,11 +80,7 @@ def keys_file_named_in(config_path: Path) -> Path | None:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     auth = raw.get("auth")
-    named = auth.get("keys_file") if isinstance(auth, dict) else None
-    if not isinstance(named, str) or not named:
-        return None
-    path = Path(named)
-    return path if path.is_absolute() else config_path.parent / path
+    return _beside(auth.get("keys_file") if isinstance(auth, dict) else None, config_path)
 
 
 def build_keyring(config: Config, config_path: Path, environ: Mapping[str, str]) -> KeyRing:

@@ -296,24 +296,16 @@ def choices_of(answer: Mapping[str, Any]) -> list[Any]:
     return choices if isinstance(choices, list) else []
 
 
-def _images_lists(answer: Mapping[str, Any]) -> list[list[Any]]:
-    """Each ``choices[*].message.images`` list of a completion."""
-    lists: list[list[Any]] = []
-    for choice in choices_of(answer):
-        message = choice.get("message") if isinstance(choice, dict) else None
-        images = message.get("images") if isinstance(message, dict) else None
-        if isinstance(images, list):
-            lists.append(images)
-    return lists
-
-
 def message_images(answer: Mapping[str, Any]) -> list[Any]:
     """``choices[*].message.images`` of a completion, each put in the contract's shape (``fix_images``),
     flattened (empty when none)."""
     found: list[Any] = []
-    for images in _images_lists(answer):
-        fix_images(images)
-        found.extend(images)
+    for choice in choices_of(answer):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        images = message.get("images") if isinstance(message, dict) else None
+        if isinstance(images, list):
+            fix_images(images)
+            found.extend(images)
     return found
 
 
@@ -338,19 +330,21 @@ def fix_image_uri(url: str) -> str:
     without a ``data:`` head, ``DATA:``); the bytes decide. A URI whose bytes are
     no known image type is left as it is.
     """
-    head, sep, payload = url.partition(",")
-    if not sep:
+    # Found, not partitioned: an image's payload runs to megabytes, and only 64 characters are read.
+    comma = url.find(",")
+    if comma < 0:
         # Bare base64 (no "data:" head): wrap it when its bytes are an image.
         sniffed = sniff_base64_image_type(url[:64]) if not url[:6].lower().startswith(("data:", "http:", "https:")) else None
         return f"data:image/{sniffed};base64,{url}" if sniffed else url
+    head = url[:comma]
     lowered = head.lower()
     if not lowered.startswith("data:") or ";base64" not in lowered:
         return url
-    sniffed = sniff_base64_image_type(payload[:64])
+    sniffed = sniff_base64_image_type(url[comma + 1 : comma + 65])
     if sniffed is None:
         return url
     want = f"data:image/{sniffed};base64"
-    return url if head == want else f"{want},{payload}"
+    return url if head == want else want + url[comma:]
 
 
 def fix_images(images: list[Any]) -> None:
@@ -383,9 +377,11 @@ def fix_images(images: list[Any]) -> None:
 
 def is_image_uri(url: str) -> bool:
     """Whether an image output URI, fixed (``fix_image_uri``), is a data URI of image bytes."""
-    head, _, payload = url.partition(",")
-    sniffed = sniff_base64_image_type(payload[:64]) if head.startswith("data:image/") else None
-    return sniffed is not None and head == f"data:image/{sniffed};base64"
+    comma = url.find(",")
+    if comma < 0 or not url.startswith("data:image/"):
+        return False
+    sniffed = sniff_base64_image_type(url[comma + 1 : comma + 65])
+    return sniffed is not None and url[:comma] == f"data:image/{sniffed};base64"
 
 
 def holds_image(images: list[Any]) -> bool:
