@@ -34,7 +34,7 @@ from typing import Any
 
 import attrs
 
-from gateway.config.model import AliasSpec, Backend, Config
+from gateway.config.model import BUILTIN_RETRIES, AliasSpec, Backend, Config
 from gateway.errors import GatewayError
 from gateway.facts import RequestFacts
 from gateway.rules import AliasRules, compile_rules
@@ -43,7 +43,6 @@ from gateway.upstream_errors import scrub
 BUILTIN_TOTAL_S = 120.0
 BUILTIN_CONNECT_S = 10.0
 BUILTIN_IDLE_S = 60.0
-BUILTIN_RETRIES = 1
 # A model id shorter than this is not looked for in an upstream's words: it reads as a word.
 MIN_MODEL_MENTION_CHARS = 3
 
@@ -133,10 +132,13 @@ class Target:
     @secrets.default
     def _secrets(self) -> tuple[str, ...]:
         """What must never reach a client nor a log: the key, the backend's URL and its host."""
-        host = urllib.parse.urlsplit(self.base_url).netloc
+        parts = urllib.parse.urlsplit(self.base_url)
+        # The host alone too: upstreams name it without the port their URL has. Only a dotted name or an
+        # address, though: a one-word host ("spark") would be cut out of every word that holds it.
+        hostname = parts.hostname if parts.hostname and ("." in parts.hostname or ":" in parts.hostname) else None
         # Backend headers may carry keys too; short values ("1", "true") cannot be secrets.
         header_values = [value for value in self.headers.values() if len(value) >= 8]
-        return tuple(s for s in (self.api_key, self.base_url, host, *header_values) if s)
+        return tuple(s for s in (self.api_key, self.base_url, parts.netloc, hostname, *header_values) if s)
 
 
 @attrs.frozen

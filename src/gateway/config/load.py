@@ -32,8 +32,10 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from gateway.config.model import (
+    BUILTIN_RETRIES,
     MODALITIES,
     OUTPUT_MODALITIES,
+    REDIS_SCHEMES,
     AliasSpec,
     AuthConfig,
     Backend,
@@ -245,6 +247,49 @@ def _check_values(raw: Mapping[str, Any], cls: type, path: ConfigPath) -> Iterat
         yield from _check_alias_values(raw, path)
     elif cls is Backend:
         yield from _check_backend_values(raw, path)
+    elif cls is LimitsConfig and isinstance(raw.get("storage"), str):
+        problem = _storage_problem(raw["storage"])
+        if problem is not None:
+            yield ConfigIssue(path + ("storage",), problem)
+
+
+def _holds_password(text: str, url: str) -> bool:
+    try:
+        password = urllib.parse.urlsplit(url).password
+    except ValueError:
+        return True  # cannot tell: assume it does
+    return password is not None and (password in text or urllib.parse.unquote(password) in text)
+
+
+def _storage_problem(storage: str) -> str | None:
+    """What keeps ``storage`` from being ``"memory"`` or a Redis URL the client library can use, or None.
+
+    The value is never shown: a Redis URL may hold its password.
+    """
+    if storage == "memory":
+        return None
+    if not storage.startswith(REDIS_SCHEMES):
+        return 'expected "memory" or a redis:// (or rediss://) URL such as "redis://127.0.0.1:6379/0" (the value is not shown here)'
+    # Imported only when a Redis URL is configured, as the rate counters do.
+    import redis.asyncio
+
+    try:
+        # What the counters build from it, without connecting: an unknown option fails only here.
+        redis.asyncio.ConnectionPool.from_url(storage).make_connection()  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError, redis.RedisError) as exc:
+        text = str(exc)
+        if isinstance(exc, redis.RedisError) and not _holds_password(text, storage):
+            return f"not a Redis URL the gateway can use: {text[:120]}"
+        if "unexpected keyword argument" in text:
+            # Names the option, which came from the URL's query: no secret.
+            return f"{text.partition('argument ')[2]} is not an option of a Redis connection"
+        if text.startswith("Invalid value for"):
+            return text.removesuffix(".")
+        return (
+            "not a Redis URL the gateway can use: redis://[:password@]host[:port][/db], the port a number "
+            "up to 65535, and a password holding '/', '@' or ':' percent-encoded (the value is not shown here)"
+        )
+    return None
 
 
 def _check_backend_values(raw: Mapping[str, Any], path: ConfigPath) -> Iterator[ConfigIssue]:
@@ -523,6 +568,18 @@ def _check_retries(
     places: list[tuple[ConfigPath, int | None]] = [(("defaults", "retries"), defaults.retries)]
     places += [(("backends", name, "retries"), backend.retries) for name, backend in backends.items()]
     places += [(("models", name, "retries"), spec.retries) for name, spec in models.items()]
+    unset = [
+        name for name, spec in models.items()
+        if spec.route is None and spec.retries is None and getattr(backends.get(spec.backend or ""), "retries", None) is None
+    ]
+    if defaults.retries is None and BUILTIN_RETRIES >= limit and unset:
+        # Those targets make the built-in number of retries: said where the conflict is set.
+        yield ConfigIssue(
+            ("routing", "cooldown_failures"),
+            f"{limit} cools a target after its first failure, before the retry that '{unset[0]}'"
+            f"{' and others make' if len(unset) > 1 else ' makes'} by default (retries = {BUILTIN_RETRIES}): raise it "
+            f"above {BUILTIN_RETRIES}, or set retries = 0 in [defaults]",
+        )
     for path, retries in places:
         if retries is not None and retries >= limit:
             yield ConfigIssue(
@@ -698,6 +755,9 @@ def parse_config(data: bytes, source: str = "models.toml") -> Config:
             elif table == "models" and (name.startswith("/") or name.endswith("/") or "//" in name):
                 # A URL path drops such slashes: GET /v1/models/{alias} could never name the alias.
                 issues.append(ConfigIssue((table, name), "an alias name must not begin or end with '/' or hold '//'"))
+            elif table == "models" and not name.isascii():
+                # It goes back to clients in the x-gateway-served-by header, whose values are read as Latin-1.
+                issues.append(ConfigIssue((table, name), "an alias name must be ASCII: letters, digits and . - _ / : and the like"))
             structured, bad = _structure(entry, cls, (table, name), issues)
             if structured is not None:
                 entries[table][name] = structured
