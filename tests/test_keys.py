@@ -7,6 +7,7 @@ and rely on the gateway's live reload to pick up added and revoked keys.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import stat
@@ -149,7 +150,7 @@ def test_keyring_combines_env_keys_and_the_file(tmp_path: Path) -> None:
     ring = build_keyring(config, tmp_path / "models.toml", {"GATEWAY_API_KEYS": "sk-env-1, sk-env-2"})
 
     env = ring.authenticate("Bearer sk-env-2")
-    assert env.name == "env-key-2" and env.may_use("anything")
+    assert env.name == "env-key-" + hashlib.sha256(b"sk-env-2").hexdigest()[:12] and env.may_use("anything")
     identity = ring.authenticate(f"Bearer {alice}")
     assert (identity.name, identity.rpm) == ("alice", 3)
     assert identity.may_use("alpha") and not identity.may_use("beta")
@@ -284,8 +285,14 @@ def test_keys_file_life_cycle_through_a_running_gateway(
     listed = client.get(f"{gateway.url}/v1/models", headers=bearer(alice)).json()
     assert [m["id"] for m in listed["data"]] == ["alpha"]
 
+    # The status names every backend and upstream model id: not for a key limited to some aliases (SPEC §1).
+    hidden = client.get(f"{gateway.url}/v1/gateway/status", headers=bearer(alice))
+    assert hidden.status_code == 403 and hidden.json()["error"]["code"] == "status_not_allowed"
+    assert "alpha-up" not in hidden.text and "beta-up" not in hidden.text
+
     bob = run_cli("add", "bob", cwd=tmp_path).stdout.strip()
     assert wait_for_status(client, gateway.url, bob, "beta", 200).status_code == 200
+    assert client.get(f"{gateway.url}/v1/gateway/status", headers=bearer(bob)).status_code == 200
 
     assert run_cli("revoke", "alice", cwd=tmp_path).returncode == 0
     revoked = wait_for_status(client, gateway.url, alice, "alpha", 401)
@@ -348,3 +355,14 @@ def test_a_keys_file_that_vanishes_keeps_its_keys_and_says_so(
     keys.write_bytes(kept)
     assert wait_for_last_error(client, gateway.url, alice, present=False).get("last_error") is None
     assert chat(client, gateway.url, alice, "alpha").status_code == 200
+
+
+def test_env_keys_are_named_by_the_key_not_its_place() -> None:
+    """Their rate counters are stored under this name: named by place (env-key-1), the first key of two
+    gateways sharing one Redis shared one budget, and a key took another's when the list's order changed."""
+    first, other = KeyRing.from_env_keys(["sk-one", "sk-two"]), KeyRing.from_env_keys(["sk-team-b"])
+    reordered = KeyRing.from_env_keys(["sk-two", "sk-one"])
+    assert first.authenticate("Bearer sk-one").name != other.authenticate("Bearer sk-team-b").name
+    assert first.authenticate("Bearer sk-two").name == reordered.authenticate("Bearer sk-two").name
+    name = first.authenticate("Bearer sk-one").name
+    assert name.startswith("env-key-") and hashlib.sha256(b"sk-one").hexdigest() not in name

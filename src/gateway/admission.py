@@ -49,6 +49,9 @@ Headers = list[tuple[bytes, bytes]]
 CHARS_PER_TOKEN_ESTIMATE = 4
 STORAGE_TIMEOUT_S = 2.0
 WARN_EVERY_S = 30.0
+# After the storage fails, requests are let through without asking it for this long: an unreachable
+# or hanging Redis would otherwise add its timeout to every request.
+STORAGE_REST_S = 5.0
 
 
 class Ticket(Protocol):
@@ -57,7 +60,8 @@ class Ticket(Protocol):
     def settle(self, usage: dict[str, Any] | None) -> None: ...
 
     def refund(self) -> None:
-        """The request made no upstream call after all (every backend was full): give back what it took."""
+        """The request made no upstream call after all (every backend full, cooling down or unconfigured):
+        give back what it took."""
 
 
 class Admission(Protocol):
@@ -203,6 +207,7 @@ class RateTicket:
         if self._settled:
             return
         self._settled = True
+        self.headers = []  # what they said counted this request, which now uses up nothing
         self._admission.spawn(self._give_back())
 
     async def _give_back(self) -> None:
@@ -223,6 +228,8 @@ class RateAdmission:
         self._counter: RateCounter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned_at = -WARN_EVERY_S
+        self._failing = False  # the current counter's storage failed and has not answered since
+        self._resting_until = 0.0
 
     async def admit(self, identity: Identity, alias: CompiledAlias, facts: RequestFacts) -> Ticket:
         config = self._config()
@@ -230,6 +237,8 @@ class RateAdmission:
         if config is None or not rates:
             return NO_TICKET
         counter = self._counter_for(config.limits.storage)
+        if self._failing and time.monotonic() < self._resting_until:
+            return NO_TICKET
         estimate = estimate_tokens(facts)
         try:
             async with asyncio.timeout(STORAGE_TIMEOUT_S):
@@ -240,6 +249,7 @@ class RateAdmission:
 
     async def _admit(self, counter: RateCounter, rates: list[Rate], estimate: int) -> Ticket:
         windows = list(await asyncio.gather(*(counter.window(rate) for rate in rates)))
+        self._storage_answered(counter)
         waits = [(window.wait_s(rate.per_minute, _cost(rate, estimate)), rate) for rate, window in zip(rates, windows)]
         wait_s, rate = max(waits, key=lambda pair: pair[0])
         if wait_s > 0:
@@ -259,6 +269,8 @@ class RateAdmission:
         if current is not None and current.url == url:
             return current
         self._counter = RateCounter(url)
+        # A new storage is asked at once, and its first failure is said at once.
+        self._failing, self._resting_until, self._warned_at = False, 0.0, -WARN_EVERY_S
         if current is not None:
             log.info("rate counters now kept in %s (were in %s)", storage_label(url), storage_label(current.url))
             self.spawn(current.aclose())
@@ -266,12 +278,19 @@ class RateAdmission:
 
     def _storage_failed(self, counter: RateCounter, exc: BaseException) -> None:
         now = time.monotonic()
+        self._failing, self._resting_until = True, now + STORAGE_REST_S
         if now - self._warned_at >= WARN_EVERY_S:
             self._warned_at = now
             log.warning(
-                "rate limits not enforced: the counter storage %s failed (%s: %s); requests are let through",
-                storage_label(counter.url), type(exc).__name__, exc,
+                "rate limits not enforced: the counter storage %s failed (%s: %s); requests are let through, "
+                "and it is asked again in %g s",
+                storage_label(counter.url), type(exc).__name__, exc, STORAGE_REST_S,
             )
+
+    def _storage_answered(self, counter: RateCounter) -> None:
+        if self._failing:
+            self._failing = False
+            log.warning("rate limits enforced again: the counter storage %s answers", storage_label(counter.url))
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run storage work off the request path, bounded in time, its failures logged."""

@@ -47,9 +47,16 @@ def digest_key(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
-def env_identity(index: int) -> Identity:
-    """The identity of the ``index``-th key of ``GATEWAY_API_KEYS`` (counting from 1)."""
-    return Identity(f"env-key-{index}")
+def env_identity(digest: bytes) -> Identity:
+    """The identity of a key of ``GATEWAY_API_KEYS``, named by its digest's first 12 hex digits.
+
+    Named by the key, not its place in the list: its rate counters are stored under
+    this name, and by place, two different keys on gateways sharing one Redis (or one
+    key after the list's order changed) shared one budget. A prefix, not the digest:
+    the name is stored and may be logged, and 48 bits tell keys apart without being
+    a whole hash of one.
+    """
+    return Identity(f"env-key-{digest.hex()[:12]}")
 
 
 @attrs.frozen
@@ -71,9 +78,10 @@ class KeyRing:
     ) -> KeyRing:
         """Env keys plus ``extra`` (the keys file's digests); ``extra`` wins where both hold a key."""
         identities: dict[bytes, Identity] = {}
-        for i, key in enumerate(k.strip() for k in keys):
+        for key in (k.strip() for k in keys):
             if key:
-                identities[digest_key(key)] = env_identity(i + 1)
+                digest = digest_key(key)
+                identities[digest] = env_identity(digest)
         identities.update(extra or {})
         return cls(identities, required, keys_file)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -130,6 +130,13 @@ CATALOG: Mapping[str, ErrorKind] = _kinds(
         "Ask the operator to add the alias to the key's allow-list.",
     ),
     (
+        403,
+        "status_not_allowed",
+        "permission_error",
+        "The key has an alias allow-list, and the status names every backend and upstream model.",
+        "Read it with a key that may use every alias (an operator's key).",
+    ),
+    (
         404,
         "model_not_found",
         _REQ,
@@ -221,6 +228,11 @@ CATALOG: Mapping[str, ErrorKind] = _kinds(
 )
 
 
+# How image checks name the field they judge (``gateway.images``).
+_IMAGE_URL_FIELD: Final[Location] = ("image_url", "url")
+_IMAGE_URL_NAME: Final[str] = "image_url.url"
+
+
 def render_param(at: Location | None) -> str | None:
     """``("messages", 0, "content")`` → ``messages[0].content`` (the seed's form).
 
@@ -293,8 +305,16 @@ class GatewayError(Exception):
         self.status = status if status is not None else self.kind.status
 
     def relocated(self, at: Location | None) -> GatewayError:
-        """The same error pointing somewhere else (``/c1/chat`` maps paths back)."""
-        return GatewayError(self.code, self.message, at=at, headers=self.headers, status=self.status)
+        """The same error pointing somewhere else (``/c1/chat`` maps paths back).
+
+        An image's messages name their field ``image_url.url``; moved to a place
+        of another name (a c1 ``images[1].url``, or the bare string ``images[1]``),
+        the message names that place instead, as ``param`` does.
+        """
+        message = self.message
+        if at and self.at is not None and self.at[-2:] == _IMAGE_URL_FIELD and at[-2:] != _IMAGE_URL_FIELD:
+            message = message.replace(_IMAGE_URL_NAME, render_param(at) or _IMAGE_URL_NAME)
+        return GatewayError(self.code, message, at=at, headers=self.headers, status=self.status)
 
     def envelope(self) -> dict[str, Any]:
         return {

@@ -51,7 +51,7 @@ log = logging.getLogger("gateway.keys")
 HASH_PREFIX = "sha256:"
 HASH_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
 KEY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-# Env keys are named env-key-1, env-key-2, ...: a file key must not share their rate counters.
+# Env keys are named env-key-<digest prefix> (auth.env_identity): a file key must not share their rate counters.
 RESERVED_PREFIX = "env-key-"
 KEY_PREFIX = "sk-gw-"
 FILE_HEADER = (

@@ -44,6 +44,8 @@ KEY_PREFIX = "dgx-gateway"
 # Large enough never to refuse, small enough to stay exact in Redis' Lua doubles.
 NO_LIMIT = 2**50
 REDIS_TIMEOUT_S = 1.0
+# A wait ends this far past the moment the cost would fit exactly (where it does not yet).
+_PAST_S = 1e-3
 
 Unit = Literal["requests", "tokens"]
 
@@ -103,12 +105,15 @@ class Window:
         room = limit - min(cost, limit)
         if math.floor(self.used()) <= room:
             return 0.0
-        if self.current_count <= room and self.previous_count:
+        # The counter takes while floor(used) <= room, that is while used < room + 1: the wait ends
+        # when used falls below room + 1 (just past it: at it exactly, the cost does not fit yet).
+        below = room + 1
+        if self.current_count < below and self.previous_count:
             # The previous window's share fades linearly; wait until it has faded enough.
-            return max(0.0, self.previous_ttl_s - (room - self.current_count) * WINDOW_S / self.previous_count)
+            return max(0.0, self.previous_ttl_s - (below - self.current_count) * WINDOW_S / self.previous_count) + _PAST_S
         # This window alone is too full: wait for it to become the previous one, then fade.
         window_end_s = self.current_ttl_s - WINDOW_S if self.current_ttl_s > WINDOW_S else self.previous_ttl_s
-        return max(0.0, window_end_s) + WINDOW_S * (1 - room / self.current_count)
+        return max(0.0, window_end_s) + WINDOW_S * (1 - below / self.current_count) + _PAST_S
 
     def reset_s(self) -> float:
         """How long until the counter is back to its initial state (nothing counted)."""
@@ -144,7 +149,9 @@ class RateCounter:
             # Imported only when a Redis URL is configured: it costs each worker ~5 MiB.
             import redis.asyncio
 
-            self._native_errors = (redis.RedisError,)
+            # Not only redis.RedisError: a connection the server closes under a command can surface
+            # as the event loop's RuntimeError ("unable to perform operation on ... closed").
+            self._native_errors = (Exception,)
             # Our own pool: bounded timeouts, and a handle to close at shutdown.
             self._pool = redis.asyncio.ConnectionPool.from_url(
                 url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
@@ -202,7 +209,10 @@ class RateCounter:
 
     async def aclose(self) -> None:
         if self._pool is not None:
-            await self._pool.disconnect()
+            try:
+                await self._pool.disconnect()
+            except self._native_errors as exc:
+                raise StorageError(exc) from exc
 
 
 # One mapping of the run's table per process, kept for the process's life: a counter

@@ -123,7 +123,10 @@ def _backend_rows(snapshot: Snapshot) -> list[dict[str, Any]]:
 def status(request: Request[Any, Any, State], state: State) -> dict[str, Any]:
     gateway = _gateway(state)
     holder = gateway.holder
-    holder.keys.authenticate(header(request.scope, b"authorization"))
+    identity = holder.keys.authenticate(header(request.scope, b"authorization"))
+    if identity.allowed_models is not None:
+        # It names backends and upstream model ids, which a client limited to some aliases must not see (SPEC §1).
+        raise GatewayError("status_not_allowed", "Your key may use only some aliases; the status is for keys that may use every one.")
     serving = holder.serving  # read once: a reload may swap it while this answer is built
     snapshot: Snapshot | None = serving.snapshot if serving else None
     live_reload = gateway.live_reload
