@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import gc
+import os
 import socket
 import ssl
 import struct
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self
 
 import pytest
+import uvloop
 
 from gateway import h1
 from gateway.h1 import H1Error, H1Pool, H1Response, Origin, body_length, request_head
@@ -29,6 +32,19 @@ def in_loop(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
     def run(*args: Any, **kwargs: Any) -> None:
         asyncio.run(asyncio.wait_for(test(*args, **kwargs), 20))
 
+    return run
+
+
+def in_each_loop(test: Callable[[], Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test once in asyncio's own event loop and once in uvloop's, the one served in
+    production: the two report some closes differently."""
+
+    @pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+    def run(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(asyncio.wait_for(test(), 20))
+
+    run.__name__, run.__qualname__, run.__doc__ = test.__name__, test.__qualname__, test.__doc__
     return run
 
 
@@ -198,18 +214,26 @@ async def test_waiting_for_a_slot_is_bounded_by_the_connect_timeout() -> None:
         held.cancel()
 
 
-@in_loop
-async def test_chunked_and_split_bodies_arrive_whole() -> None:
-    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+def answering_chunked(pieces: tuple[bytes, ...], *, pause_s: float) -> Handler:
+    """A handler that answers each request with ``pieces`` as chunks, each write ``pause_s`` apart (the
+    chunked end included: a write of its own)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         while await server.read_request(reader) is not None:
-            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-            for piece in (b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for piece in pieces:
                 writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 await writer.drain()
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(pause_s)
             writer.write(b"0\r\n\r\n")
             await writer.drain()
 
+    return handler
+
+
+@in_loop
+async def test_chunked_and_split_bodies_arrive_whole() -> None:
+    chunked = answering_chunked((b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"), pause_s=0.01)
     async with pool_and_server(chunked) as (pool, server):
         for _ in range(2):
             response = await call(pool, server.origin)
@@ -240,8 +264,9 @@ async def test_a_connection_the_server_ends_is_not_reused(answer: bytes, connect
 
 
 def answer_first_then(then: str) -> Handler:
-    """Answers a connection's first request; at its second it closes in order ("close") or resets ("reset"),
-    answering nothing: what an upstream whose idle timeout fires as the request arrives does."""
+    """Answers a connection's first request; at its second it closes in order ("close"), drops the socket
+    ("drop": over TLS, a close without close_notify) or resets ("reset"), answering nothing: what an
+    upstream whose idle timeout fires as the request arrives does."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         if await server.read_request(reader) is None:
@@ -253,6 +278,8 @@ def answer_first_then(then: str) -> Handler:
         if then == "reset":
             writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
+        elif then == "drop":
+            writer.transport.abort()  # the request was read whole: the socket closes with a FIN, not a reset
         else:
             writer.close()
 
@@ -317,18 +344,7 @@ async def test_an_idle_connection_the_upstream_closed_is_not_handed_out() -> Non
 async def test_a_stream_whose_end_follows_its_done_keeps_its_connection() -> None:
     """An SSE answer whose chunked end comes in a later write than its [DONE]: finishing it for a moment
     lets the connection be kept; closed at [DONE], each stream cost the next call a new connection."""
-
-    async def done_then_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        while await server.read_request(reader) is not None:
-            event = b"data: [DONE]\n\n"
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-            await writer.drain()
-            await asyncio.sleep(0.05)
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-
-    async with pool_and_server(done_then_end) as (pool, server):
+    async with pool_and_server(answering_chunked((b"data: [DONE]\n\n",), pause_s=0.05)) as (pool, server):
         for _ in range(3):
             response = await call(pool, server.origin)
             stream = UpstreamStream(response.status, response.headers, response, idle_s=2, ends_at=asyncio.get_running_loop().time() + 5)
@@ -511,24 +527,20 @@ async def test_a_released_connection_of_another_origin_is_closed_to_make_room() 
 
 
 @contextlib.asynccontextmanager
-async def tls_server(name: str) -> AsyncIterator[tuple[int, ssl.SSLContext]]:
-    """A loopback server answering each request over TLS with a certificate for ``name``:
-    its port, and a client context that trusts its authority."""
+async def tls_server(
+    name: str, helper: Server | None = None, **certificate: Any
+) -> AsyncIterator[tuple[int, ssl.SSLContext]]:
+    """A loopback server over TLS with a certificate for ``name`` (``certificate``: more of trustme's
+    ``issue_cert`` options), running ``helper``'s handler on each connection (answering each request
+    when none is given): its port, and a client context that trusts its authority."""
     trustme = pytest.importorskip("trustme")
     authority = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert(name).configure_cert(server_context)
+    authority.issue_cert(name, **certificate).configure_cert(server_context)
     client_context = ssl.create_default_context()
     authority.configure_trust(client_context)
-    helper = Server(answer_each_request)
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await answer_each_request(reader, writer, helper)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context)
+    helper = helper or Server(answer_each_request)
+    server = await asyncio.start_server(helper._serve, "127.0.0.1", 0, ssl=server_context)
     try:
         yield server.sockets[0].getsockname()[1], client_context
     finally:
@@ -550,7 +562,72 @@ async def test_https_origins_are_reached_over_verified_tls() -> None:
             await call(untrusting, origin)
         assert caught.value.kind == "connect"
         assert caught.value.detail.startswith("TLS handshake failed")
+        assert caught.value.lasting  # a refused certificate is refused again: not worth a retry
         assert untrusting.open_connections == 0
+
+
+def valid_for_a_day_from(year: int) -> dict[str, datetime.datetime]:
+    start = datetime.datetime(year, 1, 1, tzinfo=datetime.UTC)
+    return {"not_before": start, "not_after": start + datetime.timedelta(days=1)}
+
+
+@pytest.mark.parametrize(
+    ("name", "certificate", "trusted", "words"),
+    [
+        ("spark-cloud.test", {}, True, "the certificate does not name this host"),
+        ("127.0.0.1", {}, False, "the certificate's issuer is not trusted"),
+        ("127.0.0.1", valid_for_a_day_from(2001), True, "the certificate has expired"),
+        ("127.0.0.1", valid_for_a_day_from(2090), True, "the certificate is not yet valid"),
+    ],
+    ids=["another address", "untrusted issuer", "expired", "not yet valid"],
+)
+@in_loop
+async def test_a_refused_certificate_says_why_without_naming_the_host(
+    name: str, certificate: dict[str, Any], trusted: bool, words: str
+) -> None:
+    """Every refused certificate was "CERTIFICATE_VERIFY_FAILED", which left an operator guessing whether
+    the name, the dates or the authority was wrong."""
+    async with tls_server(name, **certificate) as (port, client_context):
+        pool = H1Pool(ssl_context=client_context if trusted else None)
+        with pytest.raises(H1Error) as caught:
+            await call(pool, Origin("https", "127.0.0.1", port))
+    assert caught.value.kind == "connect"
+    assert caught.value.detail == f"TLS handshake failed ({words})"
+    assert "127.0.0.1" not in str(caught.value) and name not in str(caught.value)
+    assert pool.open_connections == 0
+
+
+@in_each_loop
+async def test_a_reused_tls_connection_closed_without_close_notify_sends_the_request_again_on_a_new_one() -> None:
+    """A TLS upstream that drops a kept-alive connection as the next request arrives, without close_notify,
+    closed it as idle, as over plain TCP: the request goes again once, on a new connection. uvloop reports
+    that close with no eof_received, and it was taken for the upstream's fault."""
+    helper = Server(answer_first_then("drop"))
+    async with tls_server("127.0.0.1", helper) as (port, client_context):
+        origin = Origin("https", "127.0.0.1", port)
+        pool = H1Pool(ssl_context=client_context)
+        try:
+            assert await read_all(await call(pool, origin)) == OK_BODY
+            assert await read_all(await call(pool, origin, b'{"n":2}')) == OK_BODY
+        finally:
+            await pool.aclose()
+    assert helper.connections == 2 and helper.bodies == [b"{}", b'{"n":2}', b'{"n":2}']
+
+
+@in_each_loop
+async def test_a_reset_tls_connection_is_the_upstreams_fault_and_is_not_sent_again() -> None:
+    helper = Server(answer_first_then("reset"))
+    async with tls_server("127.0.0.1", helper) as (port, client_context):
+        origin = Origin("https", "127.0.0.1", port)
+        pool = H1Pool(ssl_context=client_context)
+        try:
+            assert await read_all(await call(pool, origin)) == OK_BODY
+            with pytest.raises(H1Error) as failed:
+                await call(pool, origin)
+        finally:
+            await pool.aclose()
+    assert failed.value.kind == "closed" and not failed.value.quietly
+    assert helper.connections == 1
 
 
 @in_loop
@@ -566,11 +643,16 @@ async def test_a_body_in_pieces_arrives_as_one() -> None:
         assert server.bodies == [joined]
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize(
+    ("encoding", "wbits"),
+    [("gzip", 16 + zlib.MAX_WBITS), ("deflate", zlib.MAX_WBITS), ("deflate", -zlib.MAX_WBITS)],
+    ids=["gzip", "deflate-zlib", "deflate-raw"],
+)
 @in_loop
-async def test_a_compressed_answer_is_decoded(encoding: str) -> None:
+async def test_a_compressed_answer_is_decoded(encoding: str, wbits: int) -> None:
+    """deflate as RFC 9110 has it (zlib-wrapped) and as many servers send it (raw), as httpx reads both."""
     text = b'{"choices":[{"message":{"content":"' + b"squeeze " * 2000 + b'"}}]}'
-    packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    packer = zlib.compressobj(wbits=wbits)
     packed = packer.compress(text) + packer.flush()
     extra = b"content-encoding: %s\r\n" % encoding.encode()
     async with pool_and_server(answering(lambda body: ok(packed, extra=extra))) as (pool, server):
@@ -595,6 +677,26 @@ async def test_a_compressed_answer_is_refused_once_it_unpacks_past_the_bound(unp
             with pytest.raises(H1Error) as caught:
                 await read_all(await call(pool, server.origin))
         assert caught.value.kind == "protocol" and "unpacks to more than 8 MiB" in caught.value.detail
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("damage", ["broken", "cut"])
+@in_loop
+async def test_a_damaged_compressed_answer_is_a_protocol_error(encoding: str, damage: str) -> None:
+    """Compressed data that does not unpack, or ends early, is the upstream's fault, said as such: zlib's
+    error escaped the parser's callback (the answer read as not HTTP/1.1 at all), and a cut one was
+    served as the text it held so far."""
+    gzip = encoding == "gzip"
+    packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
+    packed = packer.compress(os.urandom(3000).hex().encode()) + packer.flush()
+    header = 10 if gzip else 2
+    packed = packed[:header] + b"\xff" * 20 if damage == "broken" else packed[: len(packed) // 2]
+    extra = b"content-encoding: %s\r\n" % encoding.encode()
+    async with pool_and_server(answering(lambda body: ok(packed, extra=extra))) as (pool, server):
+        with pytest.raises(H1Error) as caught:
+            await read_all(await call(pool, server.origin))
+        assert caught.value.kind == "protocol"
+        assert caught.value.detail == f"the answer's compressed body is {'broken' if damage == 'broken' else 'cut short'}"
 
 
 @in_loop

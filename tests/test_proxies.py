@@ -138,6 +138,14 @@ def through(proxy: ConnectProxy, scheme: str = "http", userinfo: str = "") -> Pr
         ({"HTTPS_PROXY": "http://proxy:3128"}, "https", "127.9.9.9", None),
         ({"HTTPS_PROXY": "http://proxy:3128"}, "https", "localhost", None),
         ({"HTTPS_PROXY": "http://proxy:3128"}, "https", "::1", None),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "https", "0.0.0.0", None),  # as a local server's banner says it
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "https", "[::]", None),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "https", "::ffff:127.0.0.1", None),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "https", "127.1", None),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "https", "128.1", ("proxy", 3128)),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "https", "::ffff:10.0.0.1", ("proxy", 3128)),
+        ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "*.openai.com"}, "https", "api.openai.com", None),
+        ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "*.openai.com"}, "https", "notopenai.com", ("proxy", 3128)),
         ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "openai.com"}, "https", "api.openai.com", None),
         ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": ".openai.com"}, "https", "api.openai.com", None),
         ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "notopenai.com"}, "https", "api.openai.com", ("proxy", 3128)),
@@ -206,7 +214,8 @@ async def test_https_origins_run_verified_tls_end_to_end_inside_the_tunnel() -> 
             # The certificate is checked against the backend's name, not the proxy's: another name fails.
             with pytest.raises(H1Error) as caught:
                 await call(pool, Origin("https", "elsewhere.test", port))
-            assert caught.value.kind == "connect" and caught.value.detail.startswith("TLS handshake failed")
+            assert caught.value.kind == "connect"
+            assert caught.value.detail == "TLS handshake failed (the certificate does not name this host)"
         finally:
             await pool.aclose()
     assert proxy.tunnels == [f"spark-cloud.test:{port}", f"elsewhere.test:{port}"]
@@ -384,4 +393,5 @@ def test_no_proxy_sends_a_backend_direct_and_a_refused_tunnel_is_a_502_in_words(
     message = answer.json()["error"]["message"]
     assert "the proxy refused the credentials (HTTP 407)" in message
     assert "wrong" not in message and "spark-cloud" not in message
+    assert answer.headers["x-gateway-attempts"] == "1"  # a refusal that calling again cannot change: no retry
     assert proxy.tunnels == [f"spark-cloud.test:{standin.port}"] * len(proxy.tunnels) and proxy.tunnels

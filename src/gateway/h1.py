@@ -67,7 +67,9 @@ def body_length(body: RequestBody) -> int:
 
 
 class H1Error(Exception):
-    def __init__(self, kind: str, detail: str, *, errno: int | None = None, partial: bool = False, quietly: bool = False) -> None:
+    def __init__(
+        self, kind: str, detail: str, *, errno: int | None = None, partial: bool = False, quietly: bool = False, lasting: bool = False
+    ) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
@@ -75,15 +77,39 @@ class H1Error(Exception):
         self.partial = partial
         # "closed" by the upstream's orderly close (no reset), before any byte of answer.
         self.quietly = quietly
+        # A refusal that calling again at once cannot change: a certificate refused, a proxy's no.
+        self.lasting = lasting
 
     def again(self) -> H1Error:
         """The same error, as a new exception without a traceback."""
-        return H1Error(self.kind, self.detail, errno=self.errno, partial=self.partial, quietly=self.quietly)
+        return H1Error(self.kind, self.detail, errno=self.errno, partial=self.partial, quietly=self.quietly, lasting=self.lasting)
 
 
 def errno_words(number: object) -> str:
     """An OS error number in its own words ("connection refused"): the OS message names the host and port."""
     return os.strerror(number).lower() if isinstance(number, int) and number > 0 else "cannot connect"
+
+
+# Why a certificate was refused, by OpenSSL's verify code (X509_V_ERR_*), in fixed words: the reason
+# is CERTIFICATE_VERIFY_FAILED for all of them, which leaves an operator guessing, and OpenSSL's own
+# message names the host, which must not reach clients.
+_VERIFY_WORDS = {
+    9: "the certificate is not yet valid",
+    10: "the certificate has expired",
+    18: "the certificate is self-signed and not trusted",
+    19: "the certificate's chain ends in a self-signed authority that is not trusted",
+    20: "the certificate's issuer is not trusted",
+    21: "the certificate cannot be verified up to a trusted authority",
+    62: "the certificate does not name this host",
+    64: "the certificate does not name this host",  # the host given as an IP address
+}
+
+
+def tls_failure_words(exc: ssl.SSLError) -> str:
+    """Why a TLS handshake failed, in words that name no host."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_code in _VERIFY_WORDS:
+        return _VERIFY_WORDS[exc.verify_code]
+    return exc.reason or "ssl error"
 
 
 class Origin(NamedTuple):
@@ -185,10 +211,45 @@ class H1Response:
 DECODE_STEP_BYTES = 1 << 20
 MAX_DECODED_BYTES = 128 << 20
 
+
+
+class _Deflate:
+    """``Content-Encoding: deflate`` as servers send it: zlib-wrapped as RFC 9110 says, or raw deflate
+    (as many do). Which one is told by the first bytes; a ``zlib.decompressobj`` otherwise."""
+
+    def __init__(self) -> None:
+        self._decoder: Any = zlib.decompressobj()
+        self._first: bytes | None = b""  # what was fed before any output, to feed again as raw
+
+    @property
+    def unconsumed_tail(self) -> bytes:
+        return self._decoder.unconsumed_tail  # type: ignore[no-any-return]
+
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        if self._first is None:
+            return self._decoder.decompress(data, max_length)  # type: ignore[no-any-return]
+        self._first += data
+        try:
+            out: bytes = self._decoder.decompress(data, max_length)
+        except zlib.error:
+            self._decoder, data, self._first = zlib.decompressobj(-zlib.MAX_WBITS), self._first, None
+            return self._decoder.decompress(data, max_length)  # type: ignore[no-any-return]
+        if out or len(self._first) >= 2:  # its zlib header passed: it is zlib
+            self._first = None
+        return out
+
+    @property
+    def eof(self) -> bool:
+        return self._decoder.eof  # type: ignore[no-any-return]
+
+    def flush(self) -> bytes:
+        return self._decoder.flush()  # type: ignore[no-any-return]
+
+
 _DECODERS: dict[str, Any] = {
     "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
     "x-gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
-    "deflate": lambda: zlib.decompressobj(),
+    "deflate": _Deflate,
 }
 
 
@@ -215,10 +276,11 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._decoder: Any = None  # a zlib decompressor when the body is gzip or deflate
         self._decoded_bytes = 0
+        self._decoded_any = False
         self._body_until_eof = False
         self._received_any = False
         self._keep_alive = False
-        self._eof = False
+        self._aborted = False  # closed by this side, not the upstream
 
     # asyncio.Protocol
 
@@ -240,7 +302,6 @@ class _Connection(asyncio.Protocol):
             self._abort()
 
     def eof_received(self) -> bool | None:
-        self._eof = True
         if self._head_waiter is None and self._response is None:
             self.closed = True  # idle: not to be handed out again before connection_lost comes
         return None  # close the transport; connection_lost settles the answer
@@ -251,7 +312,11 @@ class _Connection(asyncio.Protocol):
             self._end_body()  # a body without length or chunks ends with the connection
         partial = self._received_any
         detail = "the answer was cut off" if partial else "the upstream closed the connection"
-        self._fail(H1Error("closed", detail, partial=partial, quietly=self._eof and exc is None and not partial))
+        # An orderly close is told by the absence of an error, not by eof_received: uvloop reports a TLS
+        # upstream's close without close_notify (a bare FIN, as many servers close) as connection_lost(None)
+        # alone. A reset comes with its error; this side's own abort is not the upstream's close at all.
+        quietly = exc is None and not self._aborted and not partial
+        self._fail(H1Error("closed", detail, partial=partial, quietly=quietly))
         self.pool._lost(self)
         # The parser calls back into this connection: let go of it, or the two would wait for a
         # garbage collection, with whatever the connection still holds.
@@ -300,6 +365,7 @@ class _Connection(asyncio.Protocol):
         # We ask for identity; an upstream that compresses anyway gets decoded, as clients do.
         self._decoder = _DECODERS[encoding]() if encoding in _DECODERS else None
         self._decoded_bytes = 0
+        self._decoded_any = False
         if self._decoder is None and encoding != "identity":
             self._fail(H1Error("protocol", f"the answer's content-encoding ({encoding[:20]}) cannot be decoded", partial=True))
             self._abort()
@@ -316,7 +382,14 @@ class _Connection(asyncio.Protocol):
             if body:
                 self._response._feed(body)
             return
-        decoder = self._decoder
+        self._decoded_any = self._decoded_any or bool(body)
+        try:
+            self._decode(self._decoder, body, self._response)
+        except zlib.error:
+            self._fail(H1Error("protocol", "the answer's compressed body is broken", partial=True))
+            self._abort()
+
+    def _decode(self, decoder: Any, body: bytes, response: H1Response) -> None:
         piece = decoder.decompress(body, DECODE_STEP_BYTES)
         while True:
             if piece:
@@ -325,7 +398,7 @@ class _Connection(asyncio.Protocol):
                     self._fail(H1Error("protocol", f"the answer unpacks to more than {MAX_DECODED_BYTES >> 20} MiB", partial=True))
                     self._abort()
                     return
-                self._response._feed(piece)
+                response._feed(piece)
             if not decoder.unconsumed_tail:
                 return
             piece = decoder.decompress(decoder.unconsumed_tail, DECODE_STEP_BYTES)
@@ -339,9 +412,13 @@ class _Connection(asyncio.Protocol):
     def _end_body(self) -> None:
         if self._response is not None:
             if self._decoder is not None:
-                tail, self._decoder = self._decoder.flush(), None
+                decoder, self._decoder = self._decoder, None
+                tail = decoder.flush()
                 if tail:
                     self._response._feed(tail)
+                if self._decoded_any and not decoder.eof:
+                    self._response._finish(H1Error("protocol", "the answer's compressed body is cut short", partial=True))
+                    return
             self._response._finish()
 
     # used by the pool and the response
@@ -387,6 +464,7 @@ class _Connection(asyncio.Protocol):
     def _abort(self) -> None:
         if self.transport is not None and not self.closed:
             self.closed = True
+            self._aborted = True
             self.transport.abort()
 
 
@@ -532,7 +610,8 @@ class H1Pool:
         except BaseException as exc:
             self._give_slot()
             if isinstance(exc, ssl.SSLError):
-                raise H1Error("connect", f"TLS handshake failed ({exc.reason or 'ssl error'})") from None
+                lasting = isinstance(exc, ssl.SSLCertVerificationError)
+                raise H1Error("connect", f"TLS handshake failed ({tls_failure_words(exc)})", lasting=lasting) from None
             if isinstance(exc, socket.gaierror):
                 raise H1Error("connect", "the host name does not resolve") from None
             if isinstance(exc, OSError):
@@ -631,7 +710,7 @@ class _Tunnel(asyncio.Protocol):
             self.answered.set_exception(H1Error("protocol", "the proxy's answer to CONNECT is not HTTP/1.x"))
         elif not 200 <= status < 300:
             refusal = "refused the credentials" if status == 407 else "refused the tunnel"
-            self.answered.set_exception(H1Error("connect", f"the proxy {refusal} (HTTP {status})"))
+            self.answered.set_exception(H1Error("connect", f"the proxy {refusal} (HTTP {status})", lasting=status in (403, 407)))
         elif end + 4 != len(self._head):
             # Nothing may come before the first request (http) or the TLS hello (https).
             self.answered.set_exception(H1Error("protocol", "the proxy sent bytes before the tunnel was used"))

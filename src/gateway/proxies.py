@@ -30,6 +30,7 @@ import base64
 import ipaddress
 import logging
 import os
+import socket
 import urllib.parse
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -132,13 +133,23 @@ def parse_proxy_url(url: str) -> Proxy:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine: a loopback name or address in any spelling the system connects
+    to here, 0.0.0.0 and :: too (copied from a local server's "running on" line, they reach this host)."""
     name = host.strip("[]").lower().rstrip(".")
     if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(name)
     except ValueError:
-        return False
+        if not name or name.strip("0123456789.") or name.startswith("."):
+            return False
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(name))  # the shorthands C's resolver takes: 127.1
+        except OSError:
+            return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified
 
 
 def _bypassed(host: str, port: int, no_proxy: str) -> bool:
@@ -151,7 +162,8 @@ def _bypassed(host: str, port: int, no_proxy: str) -> bool:
         entry, entry_port = _split_port(entry)
         if entry_port is not None and entry_port != str(port):
             continue
-        entry = entry.strip(".")  # ".example.com" covers what "example.com" covers
+        # ".example.com" and "*.example.com" (as curl and Go read them) cover what "example.com" covers.
+        entry = entry.removeprefix("*").strip(".")
         if not entry:
             continue
         if name == entry or name.endswith("." + entry) or _in_network(name, entry):
