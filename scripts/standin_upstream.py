@@ -422,6 +422,8 @@ async def stream_reply(request: web.Request, completion: Completion) -> web.Stre
         await writer.send(completion.usage_chunk(content_chunks))
     if kind != "no_done":
         await writer.send_raw("[DONE]")
+    # A server may end its chunked body in a later write than [DONE] (end_delay_ms after it).
+    await asyncio.sleep(bounded_seconds(non_negative_int(step, "end_delay_ms", 0) / 1000, MAX_SLEEP_S))
     await response.write_eof()
     return response
 

@@ -25,7 +25,7 @@ from gateway.dispatch import Dispatcher, Served, StreamStart
 from gateway.errors import GatewayError
 from gateway.facts import inspect_request
 from gateway.health import HealthBoard
-from gateway.relay import StreamRelay, relay_stream
+from gateway.relay import TAIL_GRACE_S, StreamRelay, asked_choices, relay_stream
 from gateway.routing import plan_attempts
 from gateway.shaping import client_body
 from gateway.snapshot import Snapshot, Target, build_snapshot
@@ -38,6 +38,10 @@ BASE_URL = f"http://user:hunter2@{HOST}/v1"
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 
 Step = Callable[[dict[str, Any]], Awaitable[httpx.Response]]
+
+
+# A target cools down at its first failure; it can make no retry then, which models.toml says outright.
+COOL_AT_ONCE = "cooldown_failures = 1\n[defaults]\nretries = 0\n"
 
 
 def config_text(models: str, routing: str = "") -> str:
@@ -195,7 +199,7 @@ class Harness:
         body = request_body(name, stream=True, **extra)
         compiled, targets = self.plan(body)
         start = await self.dispatcher(slots).open_stream(compiled, targets, body)
-        relay = StreamRelay(start.target.alias, lambda: None, expect_usage=bool(extra.get("stream_options")))
+        relay = StreamRelay(start.target.alias, lambda: None, expect_usage=bool(extra.get("stream_options")), choices=asked_choices(body))
         self.writes: list[bytes] = []  # what the relay handed the client, write by write
         try:
             async for piece in relay_stream(start, relay):
@@ -505,7 +509,7 @@ def test_failing_target_cools_down_then_is_probed_and_recovers() -> None:
 
 def test_all_targets_cooling_is_503_with_retry_after() -> None:
     """When every target of the plan cools down, the client gets 503 no_healthy_backend with Retry-After, no call."""
-    h = Harness(snapshot_of(alias("a"), routing="cooldown_failures = 1\n"))
+    h = Harness(snapshot_of(alias("a"), routing=COOL_AT_ONCE))
     h.upstream.script("a", h.upstream.status(500))
     run(h.fail("a"))
     error = run(h.fail("a"))
@@ -515,7 +519,7 @@ def test_all_targets_cooling_is_503_with_retry_after() -> None:
 
 def test_only_one_probe_runs_and_a_cancelled_probe_frees_its_slot() -> None:
     """After a cooldown one request probes while others skip; a probe whose client left lets the next one probe."""
-    h = Harness(snapshot_of(alias("a", fallback=["b"]) + alias("b"), routing="cooldown_failures = 1\n"))
+    h = Harness(snapshot_of(alias("a", fallback=["b"]) + alias("b"), routing=COOL_AT_ONCE))
     h.upstream.script("a", h.upstream.status(500))
     h.upstream.script("b", h.upstream.ok())
     run(h.complete("a"))
@@ -539,7 +543,7 @@ def test_only_one_probe_runs_and_a_cancelled_probe_frees_its_slot() -> None:
 
 def test_refusals_of_the_request_do_not_cool_the_target() -> None:
     """Content refusals and context refusals show the target is up: they never cool it down."""
-    h = Harness(snapshot_of(alias("a"), routing="cooldown_failures = 1\n"))
+    h = Harness(snapshot_of(alias("a"), routing=COOL_AT_ONCE))
     h.upstream.script("a", h.upstream.status(400, body={"error": {"message": "bad parameter", "code": "invalid_value"}}))
     for _ in range(3):
         run(h.fail("a"))
@@ -690,6 +694,17 @@ def test_sse_decoder_handles_any_chunking_and_line_ends() -> None:
         for i in range(0, len(text), size):
             events += decoder.feed(text[i : i + size])
         assert events == expected, size
+
+
+def test_sse_decoder_drops_a_byte_order_mark_split_across_reads() -> None:
+    """A mark the upstream's first read cuts in two hid the first event's data line, and the event was lost."""
+    text = b"\xef\xbb\xbfdata: first\n\ndata: second\n\n"
+    for size in (1, 2, 3, 4, len(text)):
+        decoder = SSEDecoder()
+        events: list[bytes | None] = []
+        for i in range(0, len(text), size):
+            events += decoder.feed(text[i : i + size])
+        assert events == [b"first", b"second"], size
     tail = SSEDecoder()
     assert tail.feed(b"data: last") == [] and tail.finish() == [b"last"]
 
@@ -724,6 +739,34 @@ def test_stream_without_done_is_finalised_promptly_with_its_usage() -> None:
     _, out = run(h.stream("a", stream_options={"include_usage": True}))
     assert time.monotonic() - started < 2.5
     assert b'"completion_tokens":3' in out and out.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_stream_of_several_choices_waits_for_each_to_finish() -> None:
+    """With `n: 2`, the first choice's finish is not the answer's end: a second choice coming more than
+    the tail's grace later was dropped, and the stream ended with [DONE] as if whole."""
+    second = {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 1, "delta": {"content": "B"}, "finish_reason": "stop"}]}
+    h = Harness(snapshot_of(alias("a", idle_timeout_s=5, timeout_s=10)))
+    h.upstream.script("a", h.upstream.sse((0, chunk("A")), (0, chunk(finish="stop")), (TAIL_GRACE_S + 0.3, second), (0, b"[DONE]")))
+    _, out = run(h.stream("a", n=2))
+    assert b'"content":"B"' in out and out.endswith(b"data: [DONE]\n\n"), out
+
+
+def test_an_upstream_that_ignores_n_ends_its_whole_answer_with_done() -> None:
+    """Asked for two choices, it sends one, finished, and closes without [DONE]: what it sent is whole."""
+    h = Harness(snapshot_of(alias("a", idle_timeout_s=5, timeout_s=10)))
+    h.upstream.script("a", h.upstream.sse((0, chunk("A")), (0, chunk(finish="stop"))))
+    _, out = run(h.stream("a", n=2))
+    assert out.endswith(b"data: [DONE]\n\n") and b'"error"' not in out
+
+
+def test_a_streamed_event_holding_a_whole_message_reaches_the_client_as_a_delta() -> None:
+    """Sent under `message`, its text went out where a stream's reader never looks."""
+    whole = {"id": "c", "object": "chat.completion", "model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Whole"}, "finish_reason": "stop"}]}
+    h = Harness(snapshot_of(alias("a")))
+    h.upstream.script("a", h.upstream.sse((0, whole), (0, b"[DONE]")))
+    _, out = run(h.stream("a"))
+    first = json.loads(out.split(b"\n\n")[0].removeprefix(b"data: "))
+    assert first["choices"][0]["delta"]["content"] == "Whole" and "message" not in first["choices"][0]
 
 
 def test_stream_ending_unfinished_is_an_error_not_done() -> None:
@@ -771,7 +814,7 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
 
 def reloaded(models: str, *, base_url: str = BASE_URL, headers: str = "", key: str = SECRET, cooldown_s: float = 60) -> Snapshot:
     """A snapshot as a reload would build it, with the backend's connection settings given."""
-    text = config_text(models, "cooldown_failures = 1\n").replace("cooldown_s = 0.4", f"cooldown_s = {cooldown_s}")
+    text = config_text(models, COOL_AT_ONCE).replace("cooldown_s = 0.4", f"cooldown_s = {cooldown_s}")
     text = text.replace(f'base_url = "{BASE_URL}"', f'base_url = "{base_url}"' + (f"\nheaders = {headers}" if headers else ""))
     return build_snapshot(parse_config(text.encode()), environ={"UNIT_KEY": key})
 
@@ -786,6 +829,15 @@ def test_an_upstreams_words_name_the_alias_where_they_name_its_model() -> None:
     short = snapshot_of(alias("chat", model="m1")).lookup("chat").targets[0]
     assert short.in_client_words("m1 is gone") == "m1 is gone"
     assert target.in_client_words(f"bad key {SECRET}") == "bad key [redacted]"
+
+
+def test_an_upstreams_words_lose_the_backends_host_with_or_without_its_port() -> None:
+    """A base_url with a port left the bare host name in an upstream's words ("api.example.test is busy")."""
+    target = reloaded(alias("chat"), base_url="https://api.example.test:8443/v1").lookup("chat").targets[0]
+    said = "overloaded: api.example.test is busy, see https://api.example.test/status or api.example.test:8443"
+    assert "api.example.test" not in target.in_client_words(said)
+    one_word = reloaded(alias("chat"), base_url="http://spark:8000/v1").lookup("chat").targets[0]
+    assert one_word.in_client_words("sparkling spark:8000") == "sparkling [redacted]"  # words keep their letters
 
 
 def test_target_health_key_changes_with_where_calls_go_only() -> None:

@@ -297,3 +297,36 @@ def test_attempts_are_counted_when_no_target_serves(standin: StandIn, gateway_fa
         (("alias", "m-down"), ("backend", "mdown"), ("outcome", "503")): 4,  # two requests, each retried once
         (("alias", "m-down"), ("backend", "mdown"), ("outcome", "400")): 1,
     }
+
+
+def test_a_stream_whose_upstream_ends_after_its_done_is_counted_and_charged(standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """The upstream's chunked end coming a moment after [DONE]: the gateway waited for it before counting,
+    and the disconnect granian reports once an answer has ended cancelled that wait, so such a stream
+    counted as nothing, its usage was never charged to the key's tpm, and its connection was dropped."""
+    gateway = gateway_factory(backend_toml(standin) + '[models."late-end"]\nbackend = "local"\nmodel = "late-end-up"\n')
+    body = {"model": "late-end", "messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": True}}
+    with local_client() as client:
+        for _ in range(3):
+            standin.script("late-end-up", [{"kind": "ok", "end_delay_ms": 150}])
+            with client.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {CLIENT_KEY}"}) as response:
+                assert response.status_code == 200 and response.read().endswith(b"data: [DONE]\n\n")
+        time.sleep(0.5)  # the last drain ends after the answer did
+        assert scraped(client, gateway.url, 'gateway_requests_total{alias="late-end",status="200"}') == 3
+        assert scraped(client, gateway.url, 'gateway_tokens_total{alias="late-end",kind="completion_tokens"}') > 0
+
+
+def test_a_client_that_leaves_is_a_499_a_cancelled_attempt_and_no_latency(standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """Its upstream call was made and cut short: it was missing from the attempts; and the time until it
+    gave up was observed as a served request's latency."""
+    gateway = gateway_factory(backend_toml(standin) + '[models."leaver"]\nbackend = "local"\nmodel = "leaver-up"\n')
+    standin.script("leaver-up", [{"kind": "delay", "delay_ms": 1500}])
+    body = {"model": "leaver", "messages": [{"role": "user", "content": "hi"}]}
+    with local_client(timeout_s=0.4) as impatient, pytest.raises(httpx.ReadTimeout):
+        impatient.post(f"{gateway.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {CLIENT_KEY}"})
+    with local_client() as client:
+        deadline = time.monotonic() + 5
+        while scraped(client, gateway.url, 'gateway_requests_total{alias="leaver",status="499"}') < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scraped(client, gateway.url, 'gateway_requests_total{alias="leaver",status="499"}') == 1
+        assert scraped(client, gateway.url, 'gateway_attempts_total{alias="leaver",backend="local",outcome="cancelled"}') == 1
+        assert scraped(client, gateway.url, 'gateway_request_seconds_count{alias="leaver"') == 0

@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from conftest import backend_toml
 from harness import CLIENT_KEY, UPSTREAM_KEY, GatewayProcess, StandIn, group_rss_bytes, local_client, serving
 
 RUN = uuid.uuid4().hex[:6]
-ALIASES = ("bom", "error-null", "json-to-stream", "echo-key", "long-reason", "bomb", "half-emoji")
+ALIASES = ("bom", "error-null", "json-to-stream", "echo-key", "long-reason", "bomb", "half-emoji", "huge-number", "bom-json", "ignores-stream", "streams-anyway")
 
 
 def upstream_id(alias: str) -> str:
@@ -96,6 +97,74 @@ def test_an_emoji_cut_in_two_utf16_halves_reaches_the_client_as_sent(gateway: Ga
     as_the_sdk_reads_it = json.loads(json.dumps(answer))["choices"][0]["message"]["content"]  # "A😀B \ud83d"
     assert whole.json()["choices"][0]["message"]["content"] == as_the_sdk_reads_it
     assert whole.json()["model"] == "half-emoji"
+
+
+def test_an_answer_that_begins_with_a_byte_order_mark_is_served(gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """As the openai SDK reads it: it was taken for junk, retried and answered 502."""
+    answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "x",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}]}
+    standin.script(upstream_id("bom-json"), [{"kind": "raw", "body": "\ufeff" + json.dumps(answer)}])
+    response = ask(client, gateway, "bom-json", stream=False)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "Hello"
+
+
+def test_a_number_beyond_a_float_beside_a_lone_surrogate_is_junk_not_a_fault(
+    gateway: GatewayProcess, standin: StandIn, client: httpx.Client
+) -> None:
+    """Read by the lone surrogate's fallback, 1e400 became inf, which has no JSON to be written as: the
+    client got 500 internal_error, a stream was cut without its error event. Now the answer is junk (502
+    after its retry) and the chunk is dropped, as any malformed one is."""
+    content = '"content":"cut \\ud83d","logprobs":{"content":[{"token":"x","logprob":-1e400}]}'
+    answer = ('{"id":"c1","object":"chat.completion","created":1,"model":"x","choices":[{"index":0,'
+              '"message":{"role":"assistant",' + content + '},"finish_reason":"stop"}]}')
+    standin.script(upstream_id("huge-number"), [{"kind": "raw", "body": answer}] * 2)
+    whole = ask(client, gateway, "huge-number", stream=False)
+    assert whole.status_code == 502 and whole.json()["error"]["code"] == "upstream_error", whole.text
+    bad = 'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"x","choices":[{"index":0,"delta":{' + content + '}}]}\n\n'
+    standin.script(upstream_id("huge-number"), [raw_stream(
+        chunk({"role": "assistant", "content": "Hel"}), bad, chunk({"content": "lo"}), chunk({}, "stop"), "data: [DONE]\n\n",
+    )])
+    assert streamed_text(ask(client, gateway, "huge-number", stream=True)) == "Hello"
+
+
+def test_a_whole_answer_to_a_stream_request_is_relayed_as_its_stream(gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """An upstream that ignores `stream` and answers whole: that paid answer was junk, retried (paid again)
+    and answered 502 invalid_stream. It now reaches the client as the stream it would have been, read by the
+    openai SDK: text, tool calls with their index, usage, [DONE]."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "frogs"}'}}
+    answer = {"id": "c9", "object": "chat.completion", "created": 7, "model": "x",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello", "tool_calls": [call]}, "finish_reason": "tool_calls"}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    # Ending in a blank line, as a server may end a body: read as an event without data, it was "empty".
+    standin.script(upstream_id("ignores-stream"), [{"kind": "raw", "body": json.dumps(answer) + "\r\n\r\n"}])
+    before = len(standin.requests())
+    sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=CLIENT_KEY, http_client=client)
+    chunks = list(sdk.chat.completions.create(model="ignores-stream", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert len(standin.requests()) == before + 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
+    (delta_call,) = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert (delta_call.index, delta_call.id, delta_call.function.arguments) == (0, "call_1", '{"q": "frogs"}')
+    assert chunks[-1].choices[0].finish_reason == "tool_calls" and chunks[-1].usage.total_tokens == 5
+    assert {c.model for c in chunks} == {"ignores-stream"}
+
+
+def test_an_event_stream_answered_to_a_plain_request_is_relayed_as_its_completion(
+    gateway: GatewayProcess, standin: StandIn, client: httpx.Client
+) -> None:
+    """The reverse: a paid stream was junk ("not JSON"), retried and answered 502; now it is the completion
+    its chunks add up to."""
+    standin.script(upstream_id("streams-anyway"), [raw_stream(
+        chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}), chunk({}, "stop"),
+        'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2,"total_tokens":4}}\n\n', "data: [DONE]\n\n",
+    )])
+    before = len(standin.requests())
+    response = ask(client, gateway, "streams-anyway", stream=False)
+    assert response.status_code == 200, response.text
+    assert len(standin.requests()) == before + 1
+    answer = response.json()
+    assert (answer["object"], answer["model"], answer["usage"]["total_tokens"]) == ("chat.completion", "streams-anyway", 4)
+    assert answer["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])

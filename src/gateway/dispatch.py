@@ -48,6 +48,7 @@ import attrs
 import msgspec
 
 from gateway.admission import NO_SLOT, BackendSlots, Slot, Unlimited
+from gateway.answer_forms import completion_as_events, events_as_completion
 from gateway.config.model import RoutingConfig
 from gateway.errors import GatewayError, Location
 from gateway.h1 import RequestBody
@@ -59,12 +60,13 @@ from gateway.shaping import (
     decode_answer,
     fix_images,
     gather_content_images,
+    gather_part_images,
     holds_image,
     message_images,
     upstream_body,
 )
 from gateway.snapshot import CompiledAlias, Target
-from gateway.sse import DONE, SSEDecoder
+from gateway.sse import DONE, SSEDecoder, looks_like_event_stream
 from gateway.upstream import MAX_ANSWER_BYTES, UpstreamClient, UpstreamFault, UpstreamStream, retry_after_s
 from gateway.upstream_errors import UpstreamErrorInfo, read_upstream_error
 
@@ -160,7 +162,7 @@ def _is_real_chunk(event: Any) -> bool:
             continue
         if choice.get("finish_reason"):
             return True
-        delta = choice.get("delta")
+        delta = choice.get("delta") if "delta" in choice else choice.get("message")
         if isinstance(delta, dict) and any(
             delta.get(k) for k in ("content", "tool_calls", "function_call", "images", "reasoning", "reasoning_content", "refusal", "audio")
         ):
@@ -173,6 +175,7 @@ def _has_image_delta(event: Any) -> bool:
         return False
     for choice in choices_of(event):
         delta = choice.get("delta") if isinstance(choice, dict) else None
+        gather_part_images(delta)
         images = delta.get("images") if isinstance(delta, dict) else None
         if isinstance(images, list):
             fix_images(images)  # a copy: the relay decodes and fixes the event again
@@ -303,8 +306,9 @@ class Dispatcher:
                 )
                 return None
             except BaseException:
-                # Cancelled (the client left): no verdict on the target.
+                # Cancelled (the client left): no verdict on the target, but counted among the attempts.
                 self._health.released(target.key)
+                attempts.append(Attempt(target.alias, target.backend_name, "cancelled", "the client left", time.monotonic() - started))
                 raise
             reason = target.in_client_words(verdict.reason) if verdict.reason else ""
             attempts.append(Attempt(target.alias, target.backend_name, verdict.outcome, reason, time.monotonic() - started))
@@ -452,15 +456,21 @@ class Dispatcher:
         answering = False
         has_image = not target.image_output
         finished = False
-        unparsed = b""
+        # The bytes read while no event has held data: a body that is no event stream (a whole answer,
+        # an error) is judged below as it came, blank lines and all.
+        prelude: bytearray | None = bytearray()
         try:
             while not finished:
                 within_s = None if answering else first_byte_by - time.monotonic()
                 chunk = await stream.next_chunk(within_s)
                 finished = chunk is None
-                if finished:
-                    unparsed = decoder.pending  # what finish() takes: a body that is no event stream is judged below
+                if prelude is not None and chunk is not None:
+                    prelude += chunk
+                    if len(prelude) > MAX_ANSWER_BYTES:
+                        prelude = None  # as large as no answer may be: an endless stream of blank events
                 for data in decoder.feed(chunk) if chunk is not None else decoder.finish():
+                    if data is not None:
+                        prelude = None
                     held.append(data)
                     if data is None or (answering and has_image):
                         continue  # past the first real chunk the relay reads the events, once
@@ -481,16 +491,21 @@ class Dispatcher:
             return fault_verdict(fault)
         if answering:
             return Verdict(MOVE_ON, "no_image", "the stream ended without an image")
-        rest = unparsed.strip()
-        if rest and all(data is None for data in held):
-            # Not an event stream at all: most likely an error body sent with status 200.
-            return answer_verdict(target, rest, streaming=True)
+        rest = bytes(prelude).strip() if prelude is not None else b""
+        if rest and not looks_like_event_stream(rest):
+            # Not an event stream at all: an error body sent with status 200, or the whole answer (some
+            # upstreams ignore `stream`), which is relayed as the stream it would have been.
+            verdict = answer_verdict(target, rest)
+            if verdict.action == OK:
+                answer = verdict.answer.answer
+                return Verdict(OK, "ok", "", answer=StreamStart(target, stream, decoder, completion_as_events(answer), [], True))
+            return verdict if verdict.outcome != "invalid_json" else answer_verdict(target, rest, streaming=True)
         return Verdict(RETRY, "empty_stream", "the stream ended before any answer")
 
 
 def fault_verdict(fault: UpstreamFault) -> Verdict:
-    if fault.kind in TIMEOUT_OUTCOMES:
-        # Retrying would double the wait: move on.
+    if fault.kind in TIMEOUT_OUTCOMES or fault.lasting:
+        # Retrying would double the wait, or meet the same refusal (a certificate, a proxy's no): move on.
         return Verdict(MOVE_ON, fault.kind, fault.detail)
     return Verdict(RETRY, fault.kind, fault.detail)
 
@@ -529,6 +544,14 @@ def answer_verdict(target: Target, raw: bytes, *, streaming: bool = False) -> Ve
         answer = decode_answer(raw)
     except (msgspec.DecodeError, RecursionError):
         answer = None
+        if not streaming and looks_like_event_stream(raw):
+            # An event stream answered to a plain request (some upstreams ignore `stream`): what it adds up to.
+            folded = events_as_completion(raw)
+            if folded.error is not None:
+                return error_event_verdict(folded.error, target.secrets)
+            if folded.answer is None:
+                return Verdict(RETRY, "invalid_stream", "the event stream ends before its answer does")
+            answer = folded.answer
     if isinstance(answer, dict) and answer.get("error") is not None and not isinstance(answer.get("choices"), list):
         # Some providers answer 200 with an error object: judge it as the status it names.
         verdict = error_event_verdict(raw, target.secrets)

@@ -21,14 +21,14 @@ How it works:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 import msgspec
 
 from gateway.dispatch import StreamStart
 from gateway.errors import GatewayError
-from gateway.shaping import choices_of, decode_answer, encode, fix_images
+from gateway.shaping import choices_of, decode_answer, encode, fix_images, gather_part_images
 from gateway.sse import DONE, DONE_EVENT, data_event
 from gateway.upstream import UpstreamFault
 from gateway.upstream_errors import read_upstream_error, scrub
@@ -44,13 +44,28 @@ def error_event(error: GatewayError) -> bytes:
     return data_event(encode(error.envelope()))
 
 
+def asked_choices(body: Mapping[str, Any]) -> int:
+    """How many choices the request asks for (``n``; the rules checked its type)."""
+    n = body.get("n")
+    return n if type(n) is int and n > 1 else 1
+
+
 class StreamRelay:
     """Turns upstream event data into client SSE bytes; remembers finish reasons and usage."""
 
     def __init__(
-        self, served_alias: str, on_malformed: Callable[[], None], *, expect_usage: bool = False, secrets: tuple[str, ...] = ()
+        self,
+        served_alias: str,
+        on_malformed: Callable[[], None],
+        *,
+        expect_usage: bool = False,
+        secrets: tuple[str, ...] = (),
+        image_output: bool = False,
+        choices: int = 1,
     ) -> None:
         self.served_alias = served_alias
+        self.choices = choices  # how many the client asked for (``n``): the tail's grace waits for each
+        self.image_output = image_output  # images sent as content parts join the delta's images
         self.secrets = secrets  # the target's: kept out of what is logged and relayed
         self.usage: dict[str, Any] | None = None
         self.expect_usage = expect_usage
@@ -61,13 +76,16 @@ class StreamRelay:
 
     @property
     def saw_finish(self) -> bool:
-        """Every choice the upstream started has its finish reason."""
+        """Every choice the upstream started has its finish reason: what it sent is a whole answer."""
         return bool(self._finished_choices) and self._choices <= self._finished_choices
 
     @property
     def complete(self) -> bool:
         """Nothing more is needed from the upstream: finished, with usage when it was asked for."""
-        return self.saw_finish and (self.usage is not None or not self.expect_usage)
+        # Each choice asked for (``n``): another may still come after the first ones finished. An upstream
+        # that ignores ``n`` ends with [DONE], or its end or an idle timeout ends a whole answer.
+        finished_all = len(self._finished_choices) >= self.choices
+        return self.saw_finish and finished_all and (self.usage is not None or not self.expect_usage)
 
     def render_all(self, events: list[bytes | None]) -> tuple[bytes, GatewayError | None]:
         """The client's bytes for events that arrived together, up to [DONE]; and an upstream error among them.
@@ -114,6 +132,10 @@ class StreamRelay:
                 if choice.get("finish_reason"):
                     self._finished_choices.add(index if isinstance(index, int) else 0)
                 delta = choice.get("delta")
+                if delta is None and isinstance(choice.get("message"), dict):
+                    delta = choice["delta"] = choice.pop("message")  # a whole message in one event: a stream says delta
+                if self.image_output:
+                    gather_part_images(delta)
                 if isinstance(delta, dict) and isinstance(delta.get("images"), list):
                     fix_images(delta["images"])
         if isinstance(event.get("usage"), dict):

@@ -29,6 +29,7 @@ reader takes it, not dropped: msgspec refuses what Python's ``json`` reads.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -313,14 +314,21 @@ def gather_content_images(answer: Mapping[str, Any]) -> None:
     """Add each image a message holds as a content part to its ``images``: the one place SPEC §6
     names for image output (an image model's answer, once)."""
     for choice in choices_of(answer):
-        message = choice.get("message") if isinstance(choice, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(message, dict) or not isinstance(content, list):
-            continue
-        parts = [dict(part) for part in content if isinstance(part, dict) and part.get("type") == "image_url"]
-        if parts:
-            images = message.get("images")
-            message["images"] = [*images, *parts] if isinstance(images, list) else parts
+        if isinstance(choice, dict):
+            gather_part_images(choice.get("message"))
+
+
+def gather_part_images(message: Any) -> None:
+    """Add the ``image_url`` parts of a message's content (or a stream delta's) to its ``images``."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return
+    images = message.get("images")
+    held = images if isinstance(images, list) else []
+    # Not twice: an answer relayed in another form (gateway.answer_forms) was gathered already.
+    parts = [dict(part) for part in content if isinstance(part, dict) and part.get("type") == "image_url" and part not in held]
+    if parts:
+        message["images"] = [*held, *parts]
 
 
 def fix_image_uri(url: str) -> str:
@@ -412,6 +420,7 @@ def encode(value: Any) -> bytes:
 
 
 _msgspec_decode = msgspec.json.Decoder().decode
+_BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
@@ -419,14 +428,28 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is beyond a 64-bit float")
+    return value
+
+
 def decode_answer(raw: bytes) -> Any:
-    """An upstream's JSON (an answer, a stream event); ``msgspec.DecodeError`` if it is none."""
+    """An upstream's JSON (an answer, a stream event); ``msgspec.DecodeError`` if it is none.
+
+    Read as the openai SDK reads it, within what can be written again: a byte-order
+    mark before it is dropped, and a lone UTF-16 surrogate escape kept. A number
+    beyond a 64-bit float has no JSON to be written as: such an answer is none.
+    """
     try:
         return _msgspec_decode(raw)
     except msgspec.DecodeError:
+        if raw.startswith(_BOM):
+            return decode_answer(raw[len(_BOM) :])
         if _SURROGATE_ESCAPE.search(raw) is None:
             raise
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except ValueError as exc:
         raise msgspec.DecodeError(str(exc)) from None

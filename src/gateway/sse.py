@@ -17,6 +17,13 @@ from gateway.upstream import MAX_ANSWER_BYTES, UpstreamFault
 DONE = b"[DONE]"
 _BOM = b"\xef\xbb\xbf"
 _SEPARATOR = b"\n\n"
+# How an event stream's body begins: a data line, a field line, a comment.
+_OPENINGS = (b"data:", b"event:", b"id:", b":")
+
+
+def looks_like_event_stream(body: bytes) -> bool:
+    """Whether ``body`` begins as an event stream does (after any whitespace and a byte-order mark)."""
+    return body.lstrip().removeprefix(_BOM).startswith(_OPENINGS)
 
 
 class SSEDecoder:
@@ -25,15 +32,21 @@ class SSEDecoder:
         self._scan_from = 0
         self._carried_cr = False
         self._started = False
+        self._head = b""  # the first bytes, while they may be a byte-order mark's beginning
 
     def feed(self, chunk: bytes) -> list[bytes | None]:
         """Each complete event's data (``None`` for an event with no data line).
 
         Raises ``UpstreamFault`` ("too_large") when one event passes ``MAX_ANSWER_BYTES``.
         """
-        if not self._started and chunk:
-            self._started = True
+        if not self._started:
             # The SSE grammar allows a byte-order mark first; left in, it hides the first event's data line.
+            # The first read may hold only part of it.
+            chunk = self._head + chunk
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                self._head = chunk
+                return []
+            self._started = True
             chunk = chunk.removeprefix(_BOM)
         if self._carried_cr:
             chunk = b"\r" + chunk

@@ -66,17 +66,18 @@ MAX_ANSWER_BYTES = 64 << 20
 class UpstreamFault(Exception):
     """The upstream gave no usable HTTP answer; ``kind`` says how it failed."""
 
-    def __init__(self, kind: str, detail: str) -> None:
+    def __init__(self, kind: str, detail: str, *, lasting: bool = False) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.lasting = lasting  # calling again at once would fail the same way (``H1Error.lasting``)
 
 
 def transport_fault(exc: BaseException) -> UpstreamFault:
     """Map a pool or OS error to a fault, in words that name no host."""
     if isinstance(exc, H1Error):
         # The pool words its details without hosts or ports.
-        return UpstreamFault("reset" if exc.kind in ("closed", "protocol") else exc.kind, exc.detail)
+        return UpstreamFault("reset" if exc.kind in ("closed", "protocol") else exc.kind, exc.detail, lasting=exc.lasting)
     if isinstance(exc, ConnectionRefusedError):
         return UpstreamFault("connect", errno_words(exc.errno))
     if isinstance(exc, ConnectionResetError):

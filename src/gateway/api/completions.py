@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.admission import Admission, AdmitAll, Ticket
+from gateway.admission import NO_TICKET, Admission, AdmitAll, Ticket
 from gateway.api.edge import (
     JSON_HEADERS,
     ClientGone,
@@ -44,7 +44,7 @@ from gateway.dispatch import Attempt, Dispatcher
 from gateway.errors import GatewayError, Location, nested_too_deeply
 from gateway.facts import inspect_request
 from gateway.metrics import Metrics
-from gateway.relay import StreamRelay, relay_stream
+from gateway.relay import StreamRelay, asked_choices, relay_stream
 from gateway.reload import SnapshotHolder
 from gateway.routing import plan_attempts
 from gateway.shaping import KeptBody, client_body
@@ -140,6 +140,7 @@ class CompletionService:
         alias_name = "-"
         named = scope.get("gateway_request_id")
         id_header: Headers = [(b"x-request-id", named.encode("latin-1"))] if named else []
+        ticket: Ticket = NO_TICKET
         try:
             if scope.get("method") != "POST":
                 raise GatewayError("method_not_allowed", f"{scope.get('path')} does not take {scope.get('method')}. It takes POST.", headers={"Allow": "POST"})
@@ -173,18 +174,18 @@ class CompletionService:
             alias.rules.check(facts)
             targets = plan_attempts(alias, facts)
             ticket = await self.admission.admit(identity, alias, facts)
-            async with cancelled_on_disconnect(receive):
+            async with cancelled_on_disconnect(receive) as watch:
                 if facts.stream:
-                    await self._stream(send, alias, targets, body, kept, ticket, id_header, started)
+                    await self._stream(send, alias, targets, body, kept, ticket, id_header, started, watch)
                 else:
-                    await self._complete(send, alias, targets, body, kept, ticket, id_header)
-            self.metrics.observe("gateway_request_seconds", time.monotonic() - started, alias=alias_name, stream="true" if facts.stream else "false")
+                    await self._complete(send, alias, targets, body, kept, ticket, id_header, started)
             return
         except GatewayError as error:
             if error.at is not None:
                 error = error.relocated(relocate(error.at))
             self.metrics.inc("gateway_requests_total", alias=alias_name, status=str(error.status))
-            await self._send_error(send, error, id_header)
+            # Counted against its rates, a failed request says so as a served one does.
+            await self._send_error(send, error, [*ticket.headers, *id_header])
         except ClientGone:
             self.metrics.inc("gateway_requests_total", alias=alias_name, status="499")
         except Exception:
@@ -200,7 +201,9 @@ class CompletionService:
         except ClientGone:
             pass  # nobody left to tell
 
-    async def _complete(self, send: Any, alias: Any, targets: Any, body: Any, kept: KeptBody | None, ticket: Ticket, extra: Headers) -> None:
+    async def _complete(
+        self, send: Any, alias: Any, targets: Any, body: Any, kept: KeptBody | None, ticket: Ticket, extra: Headers, started: float
+    ) -> None:
         try:
             served = await self.dispatcher.complete(alias, targets, body, kept)
         except BaseException as exc:
@@ -212,9 +215,19 @@ class CompletionService:
         out = client_body(served.answer, served.target.alias)  # read deeper in the stack than this: no RecursionError
         headers = [*JSON_HEADERS, *served_headers(served.target.alias, served.attempts), *ticket.headers, *extra]
         await send_bytes(send, 200, out, headers)
+        self._observe(alias.name, "false", started)
 
     async def _stream(
-        self, send: Any, alias: Any, targets: Any, body: Any, kept: KeptBody | None, ticket: Ticket, extra: Headers, started: float
+        self,
+        send: Any,
+        alias: Any,
+        targets: Any,
+        body: Any,
+        kept: KeptBody | None,
+        ticket: Ticket,
+        extra: Headers,
+        started: float,
+        watch: cancelled_on_disconnect,
     ) -> None:
         try:
             start = await self.dispatcher.open_stream(alias, targets, body, kept)
@@ -230,6 +243,8 @@ class CompletionService:
             lambda: self.metrics.inc("gateway_stream_malformed_chunks_total", alias=served_alias),
             expect_usage=isinstance(options, dict) and options.get("include_usage") is True,
             secrets=start.target.secrets,
+            image_output=start.target.image_output,
+            choices=asked_choices(body),
         )
         try:
             headers = [*served_headers(served_alias, start.attempts), *ticket.headers, *extra]
@@ -237,15 +252,24 @@ class CompletionService:
             # the client is not reading, and must not hold the upstream call and its slot.
             with OverdueCutoff(start.stream.ends_at + STALLED_CLIENT_GRACE_S - time.monotonic()):
                 await send_stream(send, relay_stream(start, relay), headers)
+            watch.answered()
         finally:
-            await start.aclose(answered=relay.done)
+            # Counted before the upstream connection is drained, which a disconnect may still cut short.
             ticket.settle(relay.usage)
             self._count(alias.name, start.target, relay.usage)
+            self._observe(alias.name, "true", started)
+            await start.aclose(answered=relay.done)
+
+    def _observe(self, requested: str, stream: str, started: float) -> None:
+        """Time a served request (one counted 200): a client that left before its answer began waited for
+        nothing, and its wait is no latency of the gateway's."""
+        self.metrics.observe("gateway_request_seconds", time.monotonic() - started, alias=requested, stream=stream)
 
     def _unanswered(self, ticket: Ticket, requested: str, fault: BaseException) -> None:
         """Settle the rates of a request that got no answer, and count it if its client left."""
-        if isinstance(fault, GatewayError) and fault.code == "concurrency_limit_exceeded":
-            ticket.refund()  # every backend was full, no call was made: it must not use up the rates
+        if isinstance(fault, GatewayError) and (fault.code == "concurrency_limit_exceeded" or fault.headers.get("x-gateway-attempts") == "0"):
+            # No call was made (every backend full, cooling down or unconfigured): it must not use up the rates.
+            ticket.refund()
         else:
             ticket.settle(None)
         # Cancelled before the answer began: the client left (or the worker is stopping), and

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping
-from typing import Any
+from typing import Any, Self
 
 from gateway.chunks import Chunks
 from gateway.errors import GatewayError
@@ -269,10 +269,17 @@ class cancelled_on_disconnect:  # a class named as the function it replaced: ``a
         self._watcher: asyncio.Task[None] | None = None
         self._disconnected = False
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> Self:
         self._task = asyncio.current_task()
         assert self._task is not None
         self._listen()
+        return self
+
+    def answered(self) -> None:
+        """The whole answer is sent: stop watching. Once an answer has ended, granian reports a
+        disconnect, which must not cancel what is left to do (the accounting, keeping the upstream
+        connection for the next call)."""
+        self._stop_listening()
 
     def _listen(self) -> None:
         awaitable = self._receive()
@@ -310,7 +317,7 @@ class cancelled_on_disconnect:  # a class named as the function it replaced: ``a
         assert self._task is not None
         self._task.cancel()
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> bool:
+    def _stop_listening(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
@@ -318,6 +325,9 @@ class cancelled_on_disconnect:  # a class named as the function it replaced: ``a
         if watcher is not None:
             # Let go of it too: its frame holds this object, and the cancelled task will hold that frame.
             watcher.cancel()
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> bool:
+        self._stop_listening()
         if kind is not None and issubclass(kind, asyncio.CancelledError):
             assert self._task is not None
             # The client is gone: nothing to answer, and the upstream is already closed.
