@@ -758,3 +758,23 @@ def test_openapi_document_describes_c1_chat(gateway: GatewayProcess) -> None:
         "max_tokens",
     } <= set(schema["properties"])
     assert set(schema["required"]) == {"model", "message"}
+
+
+@pytest.mark.parametrize(
+    ("images", "param"),
+    [([{"url": "data:image/jpeg;base64,"}], "images[0].url"), (["data:image/jpeg;base64,"], "images[0]")],
+)
+def test_image_messages_name_the_c1_field(images: list[Any], param: str) -> None:
+    """An image's refusal names the field where the c1 body holds it, as its `param` does, not image_url.url."""
+    error = refusal({"model": "m", "message": "x", "images": images})
+    assert (error.code, render_param(error.at)) == ("invalid_image", param)
+    assert error.message.startswith(f"{param} has no data after 'base64,'"), error.message
+    assert "image_url" not in error.message
+
+
+def test_image_messages_inside_a_parts_message_keep_their_name() -> None:
+    """An image part of a parts-array message is an image_url.url in the c1 body too: its message is unchanged."""
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,"}}]
+    error = refusal({"model": "m", "message": parts})
+    assert render_param(error.at) == "message[0].image_url.url"
+    assert error.message.startswith("image_url.url has no data"), error.message

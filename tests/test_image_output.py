@@ -122,6 +122,24 @@ def test_streamed_image_delta_passes_through_typed_by_its_bytes(gateway: Gateway
     assert {e["model"] for e in events} == {"painter"}
 
 
+def test_a_streamed_image_content_part_is_an_image(gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
+    """An image streamed as a content part of the delta counts as the image it is: the composite's first
+    member serves, and the part joins the delta's `images`, typed by its bytes."""
+    part = {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{PNG_B64}"}}
+    events = [
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "x",
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": [part]}, "finish_reason": None}]},
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    standin.script(upstream_id("nano"), [{"kind": "raw", "content_type": "text/event-stream", "body": body}])
+    standin.script(upstream_id("big"), [{"kind": "ok"}])
+    response = post(client, gateway, draw("image-gen", stream=True))
+    assert response.headers["x-gateway-served-by"] == "nano", response.text
+    images = [img for e in stream_events(response) for c in e["choices"] for img in c["delta"].get("images", [])]
+    assert [img["image_url"]["url"] for img in images] == [f"data:image/png;base64,{PNG_B64}"]
+
+
 def test_image_input_and_output_together_is_an_edit(gateway: GatewayProcess, standin: StandIn, client: httpx.Client) -> None:
     """An edit: the input image reaches the upstream untouched and the answer carries the new image."""
     standin.script(upstream_id("painter"), [{"kind": "ok", "image_format": "jpeg"}])
