@@ -316,3 +316,36 @@ def test_image_edit_with_image_input(seed_gateway: GatewayProcess, standin: Stan
     assert image_kind(base64.b64decode(url.split(",", 1)[1])) == "jpeg"
     (sent,) = upstream_bodies(standin, NANO_BANANA_UPSTREAM, since)
     assert sent["messages"][0]["content"][1]["image_url"]["url"].endswith(base64.b64encode(PHOTO).decode())
+
+
+README = REPO / "README.md"
+README_HOST, README_KEY = "http://127.0.0.1:8080", "sk-mine"
+
+
+def readme_c1_recipes() -> list[str]:
+    """The README's shell blocks that call /c1/chat, as written there."""
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
+    return [block for block in blocks if "/c1/chat" in block and "curl" in block]
+
+
+@pytest.mark.parametrize("photo_bytes", [len(PHOTO), 200_000], ids=["small", "200kB"])
+def test_the_readmes_c1_recipes_work_as_written(
+    photo_bytes: int, seed_gateway: GatewayProcess, standin: StandIn, workdir: Path
+) -> None:
+    """Each README recipe for /c1/chat, host and key changed, gets its answer; the one for any size (from
+    standard input) with a photo past what one argument can hold, where the shell refuses the other."""
+    photo = PHOTO + bytes(photo_bytes - len(PHOTO))  # still a JPEG by its head: the gateway sniffs the type
+    (workdir / "photo.jpg").write_bytes(photo)
+    recipes = readme_c1_recipes()
+    assert len(recipes) == 2, recipes
+    for recipe in recipes if photo_bytes == len(PHOTO) else [r for r in recipes if "@-" in r]:
+        since = len(standin.requests())
+        assert README_HOST in recipe and README_KEY in recipe
+        script = recipe.replace(README_HOST, seed_gateway.url).replace(README_KEY, CLIENT_KEY)
+        done = subprocess.run(["bash", "-c", script], cwd=workdir, env=recipe_env(), capture_output=True, text=True,
+                              timeout=RECIPE_TIMEOUT_S, check=False)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        answer = json.loads(done.stdout)
+        assert answer["model"] == "qwen3-vl-30b-instruct", answer
+        (sent,) = upstream_bodies(standin, "qwen/qwen3-vl-30b-a3b-instruct", since)
+        assert sent["messages"][-1]["content"][-1]["image_url"]["url"] == "data:image/jpeg;base64," + base64.b64encode(photo).decode()
