@@ -57,6 +57,20 @@ class ProcessStartError(RuntimeError):
     """A managed process exited or never became ready; the message carries its log tail."""
 
 
+RATE_WINDOW_S = 60  # the rate counters' fixed windows are whole minutes of the clock (epoch-aligned)
+
+
+def clear_of_rate_window_roll(needed_s: float) -> None:
+    """Wait, if need be, until the current rate window has ``needed_s`` left.
+
+    Just after a roll the last minute's count is weighed and rounded down, so a test that counts
+    requests to an exact 429 would see one more let through if its requests straddled the roll.
+    """
+    left_s = RATE_WINDOW_S - time.time() % RATE_WINDOW_S
+    if left_s < needed_s:
+        time.sleep(left_s + 0.05)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (bind to 0, then release)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -26,7 +26,7 @@ from gateway.config import parse_config
 from gateway.config.model import Config
 from gateway.errors import GatewayError
 from gateway.snapshot import build_snapshot
-from harness import StandIn
+from harness import StandIn, clear_of_rate_window_roll
 
 POLL_S = 0.05
 
@@ -557,6 +557,7 @@ def test_requests_refused_for_a_full_backend_use_up_no_rate(idle_standin: StandI
         'model = "local-up"\n', 'model = "local-up"\nrpm = 3\n'
     )
     gateway = gateway_factory(config)
+    clear_of_rate_window_roll(10)
 
     async def scenario() -> tuple[list[int], list[int]]:
         async with httpx.AsyncClient(trust_env=False, timeout=30) as client:

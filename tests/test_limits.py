@@ -40,7 +40,16 @@ from gateway.keys import hash_key, new_key, write_keys_file
 from gateway.limits import WINDOW_S, Rate, RateCounter, Window, format_duration
 from gateway.shared_slots import SHARED_DIR_ENV
 from gateway.snapshot import build_snapshot
-from harness import GatewayProcess, ManagedProcess, StandIn, free_port, group_rss_bytes, local_client, start_gateway
+from harness import (
+    GatewayProcess,
+    ManagedProcess,
+    StandIn,
+    clear_of_rate_window_roll,
+    free_port,
+    group_rss_bytes,
+    local_client,
+    start_gateway,
+)
 
 RELOAD_WAIT_S = 8.0
 POLL_S = 0.1
@@ -299,6 +308,7 @@ def test_key_rpm_refuses_with_retry_after_and_ratelimit_headers(
 ) -> None:
     """A key's rpm: the answers count down x-ratelimit-remaining-requests, then 429 with Retry-After."""
     url = rates_gateway.url
+    clear_of_rate_window_roll(5)
     first, second = chat(client, url, alice_key, "free"), chat(client, url, alice_key, "free")
     assert (first.status_code, second.status_code) == (200, 200)
     assert first.headers["x-ratelimit-limit-requests"] == "2"
@@ -338,6 +348,7 @@ def test_a_request_that_made_no_call_uses_up_no_rate_and_a_failed_one_says_what_
 def test_alias_rpm_is_shared_by_every_key(rates_gateway: GatewayProcess, client: httpx.Client) -> None:
     """An alias's rpm counts the requests of all keys together."""
     url = rates_gateway.url
+    clear_of_rate_window_roll(5)
     assert chat(client, url, "sk-a", "limited").status_code == 200
     assert chat(client, url, "sk-b", "limited").status_code == 200
     refused = chat(client, url, "sk-a", "limited")
@@ -349,6 +360,7 @@ def test_alias_rpm_is_shared_by_every_key(rates_gateway: GatewayProcess, client:
 def test_tpm_counts_the_upstreams_usage_not_only_the_estimate(rates_gateway: GatewayProcess, client: httpx.Client) -> None:
     """tpm takes the estimate up front and the reported usage after: the next request no longer fits."""
     url = rates_gateway.url
+    clear_of_rate_window_roll(5)
     first = chat(client, url, "sk-a", "thrifty", PROMPT_60)
     assert first.status_code == 200
     assert first.json()["usage"]["total_tokens"] == 31
@@ -363,6 +375,7 @@ def test_tpm_counts_the_upstreams_usage_not_only_the_estimate(rates_gateway: Gat
 def test_stream_usage_counts_too(rates_gateway: GatewayProcess, client: httpx.Client) -> None:
     """A stream that reports usage (stream_options.include_usage) is counted when it ends."""
     body = chat_body("streamy", PROMPT_60, stream=True, stream_options={"include_usage": True}, standin_step={"kind": "ok", "chunks": 10})
+    clear_of_rate_window_roll(8)
     with client.stream("POST", f"{rates_gateway.url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-a"}) as response:
         assert response.status_code == 200
         assert response.headers["x-ratelimit-remaining-tokens"] == "25"
@@ -381,6 +394,7 @@ def test_reload_keeps_counters_of_unchanged_limits(
     """A reload that leaves an alias's rpm alone keeps its count; one that changes it starts a new count."""
     base = backend_toml(standin) + aliases_toml(steady="rpm = 3")
     gateway = gateway_factory(base)
+    clear_of_rate_window_roll(10)
     assert [chat(client, gateway.url, CLIENT_KEY, "steady").status_code for _ in range(2)] == [200, 200]
 
     (tmp_path / "models.toml").write_text(base + aliases_toml(added=""))
@@ -509,6 +523,7 @@ def test_two_gateways_share_one_budget_through_redis(
     config = f'[limits]\nstorage = "{fresh_redis}"\nkey_rpm = 3\n' + backend_toml(standin) + aliases_toml(free="")
     first = gateway_factory(config, name="first.toml")
     second = gateway_factory(config, name="second.toml")
+    clear_of_rate_window_roll(5)
     statuses = [chat(client, gateway.url, CLIENT_KEY, "free").status_code for gateway in (first, second, first, second)]
     assert statuses == [200, 200, 200, 429]
     with redis.Redis.from_url(fresh_redis, socket_timeout=1) as connection:
@@ -521,6 +536,7 @@ def statuses_from_two_workers(gateway_factory: GatewayFactory, config: str) -> d
     """10 requests for alias `shared` to a gateway of 2 workers, each on a new connection: how many got which status."""
     gateway = gateway_factory(config, workers=2)
     gateway.wait_for_workers(2)
+    clear_of_rate_window_roll(10)
     statuses: dict[int, int] = {}
     for _ in range(10):
         with local_client() as fresh:  # a new connection each time, so both workers take requests
