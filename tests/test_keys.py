@@ -284,6 +284,15 @@ def test_keys_file_life_cycle_through_a_running_gateway(
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
     listed = client.get(f"{gateway.url}/v1/models", headers=bearer(alice)).json()
     assert [m["id"] for m in listed["data"]] == ["alpha"]
+    # Asked by name, an alias outside the list is refused as a chat names it, not "not found" here and 403 there;
+    # and a name not found is never answered with the close names of aliases the key may not use.
+    retrieved = client.get(f"{gateway.url}/v1/models/beta", headers=bearer(alice))
+    assert retrieved.status_code == 403 and retrieved.json()["error"]["code"] == "model_not_allowed"
+    for typo, hint in (("bet", None), ("alpah", "'alpha'")):
+        for answer in (chat(client, gateway.url, alice, typo), client.get(f"{gateway.url}/v1/models/{typo}", headers=bearer(alice))):
+            message = answer.json()["error"]["message"]
+            assert answer.status_code == 404 and "beta" not in message, message
+            assert hint is None or f"Did you mean {hint}?" in message, message
 
     # The status names every backend and upstream model id: not for a key limited to some aliases (SPEC §1).
     hidden = client.get(f"{gateway.url}/v1/gateway/status", headers=bearer(alice))
@@ -293,6 +302,7 @@ def test_keys_file_life_cycle_through_a_running_gateway(
     bob = run_cli("add", "bob", cwd=tmp_path).stdout.strip()
     assert wait_for_status(client, gateway.url, bob, "beta", 200).status_code == 200
     assert client.get(f"{gateway.url}/v1/gateway/status", headers=bearer(bob)).status_code == 200
+    assert "Did you mean 'beta'?" in chat(client, gateway.url, bob, "bet").json()["error"]["message"]
 
     assert run_cli("revoke", "alice", cwd=tmp_path).returncode == 0
     revoked = wait_for_status(client, gateway.url, alice, "alpha", 401)

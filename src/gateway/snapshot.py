@@ -28,7 +28,7 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -153,6 +153,10 @@ class CompiledAlias:
 SHOWN_NAME_CHARS = 100
 
 
+def _anyone(alias: str) -> bool:
+    return True
+
+
 @attrs.frozen
 class Snapshot:
     config: Config
@@ -168,19 +172,27 @@ class Snapshot:
     def _target_keys(self) -> frozenset[tuple[str, str, str]]:
         return frozenset(target.key for alias in self.aliases.values() for target in alias.targets)
 
-    def lookup(self, name: str) -> CompiledAlias:
+    def lookup(self, name: str, may_use: Callable[[str], bool] = _anyone) -> CompiledAlias:
+        """The alias ``name``, for a caller who may use the aliases ``may_use`` allows.
+
+        A name not found is answered with close names among those only: a key limited to
+        some aliases is never told of the others, as GET /v1/models does not list them.
+        """
         compiled = self.aliases.get(name)
         if compiled is None:
+            offered = [alias for alias in self.aliases if may_use(alias)]
             # A name is shown and compared only so far: no alias is this long, and an error
             # message must not echo megabytes back.
-            close = difflib.get_close_matches(name[:SHOWN_NAME_CHARS], list(self.aliases), n=3, cutoff=0.5)
+            close = difflib.get_close_matches(name[:SHOWN_NAME_CHARS], offered, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             shown = name if len(name) <= SHOWN_NAME_CHARS else f"{name[:SHOWN_NAME_CHARS]}… ({len(name):,} characters)"
             raise GatewayError(
                 "model_not_found",
-                f"The model '{shown}' does not exist.{hint} GET /v1/models lists every alias.",
+                f"The model '{shown}' does not exist.{hint} GET /v1/models lists the models you may use.",
                 at=("model",),
             )
+        if not may_use(name):
+            raise GatewayError("model_not_allowed", f"Your key may not use model '{name}'.", at=("model",))
         return compiled
 
 

@@ -167,10 +167,8 @@ class CompletionService:
                     body, relocate = translate(body)
                 facts = inspect_request(body)
             del raw
-            alias = snapshot.lookup(facts.model)
+            alias = snapshot.lookup(facts.model, identity.may_use)
             alias_name = alias.name
-            if not identity.may_use(alias.name):
-                raise GatewayError("model_not_allowed", f"Your key may not use model '{alias.name}'.", at=("model",))
             alias.rules.check(facts)
             targets = plan_attempts(alias, facts)
             ticket = await self.admission.admit(identity, alias, facts)

@@ -74,11 +74,9 @@ def get_model(request: Request[Any, Any, State], state: State, alias: FromPath[s
     identity = _gateway(state).holder.keys.authenticate(header(request.scope, b"authorization"))
     name = alias.lstrip("/")
     try:
-        compiled = snapshot.lookup(name)
+        compiled = snapshot.lookup(name, identity.may_use)
     except GatewayError as error:
         raise error.relocated(None) from None  # the alias is in the path: there is no body to point into
-    if not identity.may_use(compiled.name):
-        raise GatewayError("model_not_found", f"The model '{name}' does not exist for your key.", at=None)
     return model_entry(compiled, int(snapshot.loaded_at))
 
 
