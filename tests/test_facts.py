@@ -106,6 +106,19 @@ def test_token_budgets_below_one_are_refused_at_the_field(field: str, value: Any
     assert inspect_request(body(**{field: 1})).token_limits == ((field, 1),)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "least"),
+    [("n", 0, 1), ("n", -2, 1), ("top_logprobs", -1, 0), ("temperature", -0.5, 0), ("temperature", -(2**70), 0), ("top_p", -0.1, 0)],
+)
+def test_values_no_upstream_serves_are_refused_at_the_field(field: str, value: float, least: int) -> None:
+    """No choice asked for (n = 0 went upstream), a negative temperature, top_p or top_logprobs: refused
+    for every alias at the field; the least value itself passes."""
+    error = refusal(body(**{field: value}))
+    assert (error.code, error.at) == ("invalid_request", (field,))
+    assert f"`{field}` must be at least {least}, got {value}" in error.message
+    inspect_request(body(**{field: least}))
+
+
 @pytest.mark.parametrize("value", [0, -3])
 def test_seed_takes_any_integer(value: int) -> None:
     inspect_request(body(seed=value))

@@ -51,7 +51,7 @@ CATALOG: Mapping[str, ErrorKind] = _kinds(
         400,
         "invalid_request",
         _REQ,
-        "The body does not have the shape of the endpoint's request: a field is missing, has the wrong type, or is out of range (a token budget under 1).",
+        "The body does not have the shape of the endpoint's request: a field is missing, has the wrong type, or is out of range (a token budget or `n` under 1, a negative `temperature`).",
         "Correct the field named by `param`.",
     ),
     (

@@ -15,10 +15,11 @@ How the shape is checked (against the OpenAI schema,
    where the schema allows it: an assistant message with ``tool_calls`` (or the
    deprecated ``function_call``), and the deprecated ``function`` role.
 3. Known top-level fields have their JSON type (``FIELD_TYPES``); a null is
-   accepted for every one of them and means "absent" (SPEC §2). Value ranges
-   (``temperature`` up to 2, ``n`` at least 1, ...) are left to the upstream:
-   providers differ, and a gateway that is stricter than its upstream refuses
-   requests the model would serve.
+   accepted for every one of them and means "absent" (SPEC §2). Values no
+   provider serves are refused (``LEAST_VALUES``: no choice or token asked for,
+   a negative temperature); upper bounds (``temperature`` up to 2, ``n`` up to
+   128, ...) are left to the upstream: providers differ, and a gateway that is
+   stricter than its upstream refuses requests the model would serve.
 4. Which part types a role may carry is not policed either (Anthropic takes
    images in tool results, OpenAI does not): what the alias accepts is what its
    ``input`` modalities say, judged by the rules.
@@ -97,6 +98,12 @@ FIELD_TYPES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     }
 )
 TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
+# The least value of each field that asks for anything: no upstream serves fewer than one
+# choice or token, a negative temperature or probability mass, and OpenAI refuses them too,
+# so they fail here, at their field, not upstream in each provider's words.
+LEAST_VALUES: Final[Mapping[str, int]] = MappingProxyType(
+    {"max_tokens": 1, "max_completion_tokens": 1, "n": 1, "top_logprobs": 0, "temperature": 0, "top_p": 0}
+)
 
 # The lower bound of the prompt's size in tokens is its text length divided by the
 # longest a single token can be. Byte-level BPE vocabularies (GPT-2, cl100k, o200k,
@@ -194,11 +201,10 @@ def _check_fields(body: Mapping[str, Any]) -> None:
         kinds = FIELD_TYPES.get(field)
         if kinds is not None and value is not None:
             _expect(value, kinds, (field,), field)
-    for field in TOKEN_FIELDS:
+    for field, least in LEAST_VALUES.items():
         value = body.get(field)
-        # A budget of no tokens cannot be met; OpenAI refuses it too, so it fails here, not upstream.
-        if value is not None and value < 1:
-            raise _invalid((field,), f"`{field}` must be at least 1, got {value}")
+        if value is not None and value < least:
+            raise _invalid((field,), f"`{field}` must be at least {least}, got {value}")
     stop = body.get("stop")
     if type(stop) is list:
         for i, item in enumerate(stop):
