@@ -451,6 +451,33 @@ def test_image_alias_answer_without_image_moves_on() -> None:
     assert run(h.fail("image-gen")).code == "no_image_generated"
 
 
+def test_a_spent_plan_tells_the_client_not_to_retry_or_when_to_come_back() -> None:
+    """After the plan's own retries and fallbacks, a 5xx says `x-should-retry: false` (the openai SDK made
+    two more rounds of paid calls of each failed or imageless request); when every target is paused, as its
+    upstream asked, it says `Retry-After` instead (it said nothing, and the SDK came back at once)."""
+    models = (
+        alias("a", fallback=["b"]) + alias("b") + alias("slow", retries=0) + alias("paused")
+        + alias("nano", output=["image", "text"]) + '[models."image-gen"]\nroute = ["nano"]\n'
+    )
+    text = config_text(models, routing="retry_after_max_s = 1\n").replace("cooldown_s = 0.4", "cooldown_s = 45")
+    snap = build_snapshot(parse_config(text.encode()), environ={"UNIT_KEY": SECRET})
+    h = Harness(snap)
+    h.upstream.script("a", h.upstream.status(500))
+    h.upstream.script("b", h.upstream.status(503))
+    h.upstream.script("nano", h.upstream.ok(image=False))
+    h.upstream.script("paused", h.upstream.status(429, headers={"retry-after": "30"}))
+    for name, code in (("a", "upstream_error"), ("image-gen", "no_image_generated")):
+        error = run(h.fail(name))
+        assert error.code == code and error.headers["x-should-retry"] == "false"
+        assert "retry-after" not in error.headers
+    paused = run(h.fail("paused"))
+    assert paused.code == "upstream_error" and h.upstream.count("paused") == 1
+    assert 29 <= int(paused.headers["retry-after"]) <= 30 and "x-should-retry" not in paused.headers
+    # An upstream's 4xx about the request is passed on as it came: no word on retrying (a 400 is not retried).
+    h.upstream.script("slow", h.upstream.status(400))
+    assert not {"x-should-retry", "retry-after"} & run(h.fail("slow")).headers.keys()
+
+
 def test_calls_are_bounded_by_max_attempts() -> None:
     """`max_attempts` caps the calls of one request, and the untried rest is listed as not tried."""
     h = Harness(snapshot_of(alias("a", fallback=["b", "c"]) + alias("b") + alias("c"), routing="max_attempts = 3\n"))

@@ -311,3 +311,18 @@ def test_upstream_failure_arrives_as_internal_server_error(client: openai.OpenAI
         client.chat.completions.create(model="sdk-failing", messages=user("fail"))
     assert info.value.status_code == 502
     assert info.value.code == "upstream_error"
+
+
+def test_the_sdks_own_retries_do_not_repeat_a_spent_plan(gateway: GatewayProcess, standin: StandIn) -> None:
+    """The SDK retries a 5xx twice by default: each failed request cost three rounds of the plan's paid
+    calls. After its own retries and fallbacks the gateway says `x-should-retry: false`, which the SDK obeys."""
+    standin.script("sdk-up-failing", [{"kind": "status", "status": 500}])
+    marker = f"spent-{uuid.uuid4()}"
+    http_client = openai.DefaultHttpx2Client(trust_env=False)
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=CLIENT_KEY, timeout=30.0, http_client=http_client) as sdk:
+        assert sdk.max_retries == 2  # the SDK's default, as an unmodified client runs it
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk.chat.completions.create(model="sdk-failing", messages=user(marker))
+    assert info.value.response.headers["x-should-retry"] == "false"
+    calls = [r for r in standin.requests() if r["body"]["messages"][0]["content"] == marker]
+    assert len(calls) == 1  # sdk-failing makes no retry of its own

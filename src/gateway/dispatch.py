@@ -570,9 +570,19 @@ def answer_verdict(target: Target, raw: bytes, *, streaming: bool = False) -> Ve
 
 
 def exhausted_error(alias: str, attempts: list[Attempt], health: HealthBoard, targets: tuple[Target, ...]) -> GatewayError:
-    """The one error a client gets when no target of the plan answered, with how many calls were made."""
+    """The one error a client gets when no target of the plan answered, with how many calls were made,
+    and, for a 5xx, when to come back or that coming back would not help."""
     error = _exhaustion(alias, attempts, health, targets)
     error.headers["x-gateway-attempts"] = str(calls_made(attempts))
+    if error.status >= 500 and "retry-after" not in error.headers:
+        wait_s = min((health.cooling_for(t.key) for t in targets if t.configured), default=0.0)
+        if wait_s > 0:
+            # Every target is cooling down, or paused as its upstream asked: the client may come back then.
+            error.headers["retry-after"] = str(math.ceil(wait_s))
+        else:
+            # The plan's own retries and fallbacks were made: a client's retry (the openai SDK makes two
+            # of a 5xx unless told not to) would only make the same calls again, each of them paid.
+            error.headers["x-should-retry"] = "false"
     return error
 
 
