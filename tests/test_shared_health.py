@@ -10,6 +10,9 @@ count together, a cooldown is everyone's, one probe between them. And a live
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -82,6 +85,41 @@ def test_two_workers_count_failures_together_and_share_the_cooldown(tmp_path: Pa
     rows = [next(first.report()), next(second.report())]
     assert [row["state"] for row in rows] == ["healthy", "healthy"]
     assert [row["successes"] for row in rows] == [0, 1]  # successes are each worker's own
+
+
+def test_a_probe_whose_worker_died_is_taken_over(tmp_path: Path) -> None:
+    """A worker killed while its probe ran left the target skipped by every other worker for the probe's
+    whole window (the alias's timeout_s, 240 s for a cloud alias). Killed but not yet reaped it is a zombie,
+    still there to signal: it counts as gone too. A probe of a living worker is still everyone's."""
+    board, key = HealthBoard(SharedHealth(tmp_path)), KEYS[0]
+    board.pause(key, "HTTP 429", 0.05)
+    time.sleep(0.1)
+    prober = multiprocessing.get_context("fork").Process(target=_probe_then_wait, args=(tmp_path, key))
+    prober.start()
+    try:
+        deadline = time.monotonic() + 10
+        while board.cooling_for(key) == 0 and time.monotonic() < deadline:  # until the child holds the probe
+            time.sleep(0.01)
+        assert board.admit(key, 600) > 0 and board.cooling_for(key) > 500  # its probe runs: skipped
+        assert prober.pid is not None
+        os.kill(prober.pid, signal.SIGKILL)
+        while _state(prober.pid) != b"Z" and time.monotonic() < deadline:  # dead, not reaped
+            time.sleep(0.01)
+        assert board.cooling_for(key) == 0
+        assert board.admit(key, 600) == 0  # this worker now runs the probe ...
+        assert HealthBoard(SharedHealth(tmp_path)).admit(key, 600) > 0  # ... and the others skip it
+    finally:
+        prober.kill()
+        prober.join(5)
+
+
+def _probe_then_wait(directory: Path, key: tuple[str, str, str]) -> None:
+    assert HealthBoard(SharedHealth(directory)).admit(key, 600) == 0
+    time.sleep(60)
+
+
+def _state(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
 
 
 def test_long_names_and_errors_are_kept_cut_at_a_character(tmp_path: Path) -> None:

@@ -19,9 +19,10 @@ never reset each other's state: an old and a new configuration count apart.
    one call per cooldown, never a burst.
 3. The probe's answer decides: a success (any answer that shows the target is up,
    even a refusal of the request) clears the target; a failure cools it again.
-   A probe that ends without a verdict (the client left) frees the probe slot, and
-   a probe that never reports is forgotten after its window, so a target cannot
-   stay skipped forever.
+   A probe that ends without a verdict (the client left) frees the probe slot, a
+   probe whose worker died (killed, crashed) is taken over by the next request,
+   and a probe that never reports is forgotten after its window, so a target
+   cannot stay skipped forever.
 
 Where the state lives is the board's ``store``: this process's memory, or with
 ``gateway serve --workers N`` a table every worker maps (``shared_health``), so
@@ -37,6 +38,7 @@ error does not linger beside the new one. Rows never show the fingerprint.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -56,6 +58,7 @@ class TargetHealth:
     last_error: str | None = None
     total_failures: int = 0
     cooldowns: int = 0
+    probe_pid: int = 0              # the process running the probe
 
 
 class HealthStore(Protocol):
@@ -95,6 +98,33 @@ class LocalHealth:
         return list(self._targets.items())
 
 
+def _probing(health: TargetHealth, now: float) -> bool:
+    """Whether a probe is running: taken, within its window, by a process that is still there."""
+    return now < health.probe_until and not _gone(health.probe_pid)
+
+
+def _gone(pid: int) -> bool:
+    """Whether the process ``pid`` has died: a worker killed during its probe never reports, and the
+    other workers would skip the target for the probe's whole window (the alias's timeout_s)."""
+    if pid in (0, os.getpid()):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # Killed but not yet reaped by granian, a worker is a zombie: still there to kill(pid, 0).
+            return stat.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
 class HealthBoard:
     def __init__(
         self, store: HealthStore | None = None, serving_keys: Callable[[], Collection[TargetKey] | None] | None = None
@@ -119,9 +149,9 @@ class HealthBoard:
             now = time.monotonic() if now is None else now
             if now < health.cooled_until:
                 return health.cooled_until - now
-            if now < health.probe_until:
+            if _probing(health, now):
                 return health.probe_until - now
-            health.probe_until = now + probe_window_s
+            health.probe_until, health.probe_pid = now + probe_window_s, os.getpid()
             return 0.0
 
     def cooling_for(self, key: TargetKey, now: float | None = None) -> float:
@@ -130,7 +160,7 @@ class HealthBoard:
         if health is None or health.cooled_until == 0.0:
             return 0.0
         now = time.monotonic() if now is None else now
-        return max(health.cooled_until - now, health.probe_until - now, 0.0)
+        return max(health.cooled_until - now, health.probe_until - now if _probing(health, now) else 0.0, 0.0)
 
     def succeeded(self, key: TargetKey) -> None:
         self._successes[key] = self._successes.get(key, 0) + 1

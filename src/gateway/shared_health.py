@@ -39,10 +39,10 @@ from gateway.shared_slots import SHARED_DIR_ENV, map_table
 
 log = logging.getLogger("gateway.health")
 
-# digest of the key, consecutive failures, cooled until, probe until, failures, cooldowns, key text, last error
-ENTRY = struct.Struct("<16sqddqq128s256s")
+# digest of the key, consecutive failures, cooled until, probe until, failures, cooldowns, probe's pid, key text, last error
+ENTRY = struct.Struct("<16sqddqqq128s256s")
 # What a peek reads: the numbers only, no text to decode on every request.
-NUMBERS = struct.Struct("<16sqddqq")
+NUMBERS = struct.Struct("<16sqddqqq")
 EMPTY_DIGEST = bytes(16)
 ENTRIES = 1024
 TABLE_BYTES = ENTRIES * ENTRY.size
@@ -89,8 +89,8 @@ class SharedHealth:
         offset = self._find(key, claim=False)
         if offset is None:
             return self._overflow.peek(key)
-        _, failures, cooled, probe, total, cooldowns = NUMBERS.unpack_from(self._table, offset)
-        return TargetHealth(failures, cooled, probe, None, total, cooldowns)
+        _, failures, cooled, probe, total, cooldowns, pid = NUMBERS.unpack_from(self._table, offset)
+        return TargetHealth(failures, cooled, probe, None, total, cooldowns, pid)
 
     def read(self, key: TargetKey) -> TargetHealth | None:
         offset = self._find(key, claim=False)
@@ -147,17 +147,17 @@ class SharedHealth:
         return None
 
     def _read(self, offset: int) -> tuple[TargetKey | None, TargetHealth]:
-        digest, failures, cooled, probe, total, cooldowns, key_text, error = ENTRY.unpack_from(self._table, offset)
+        digest, failures, cooled, probe, total, cooldowns, pid, key_text, error = ENTRY.unpack_from(self._table, offset)
         if digest == EMPTY_DIGEST:
             return None, TargetHealth()
         backend, _, rest = key_text.rstrip(b"\0").decode(errors="replace").partition(_SEPARATOR)
         model, _, fingerprint = rest.partition(_SEPARATOR)
         last_error = error.rstrip(b"\0").decode(errors="replace") or None
-        return (backend, model, fingerprint), TargetHealth(failures, cooled, probe, last_error, total, cooldowns)
+        return (backend, model, fingerprint), TargetHealth(failures, cooled, probe, last_error, total, cooldowns, pid)
 
     def _write(self, offset: int, key: TargetKey, health: TargetHealth) -> None:
         # Only ever after ``_find`` placed the key, which kept its digest.
         ENTRY.pack_into(
             self._table, offset, self._digests[key], health.failures, health.cooled_until, health.probe_until,
-            health.total_failures, health.cooldowns, _text(_SEPARATOR.join(key), 128), _text(health.last_error or "", 256),
+            health.total_failures, health.cooldowns, health.probe_pid, _text(_SEPARATOR.join(key), 128), _text(health.last_error or "", 256),
         )
