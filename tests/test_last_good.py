@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import httpx
 import pytest
 
 from conftest import CLIENT_KEY, GatewayFactory, backend_toml
+from gateway.config.model import KeyEntry
+from gateway.errors import GatewayError
+from gateway.keys import hash_key, new_key, write_keys_file
 from gateway.reload import LAST_GOOD_ENV, SnapshotHolder
 from harness import StandIn, local_client
 
@@ -51,6 +55,69 @@ def test_a_fresh_holder_serves_the_last_good_copy_and_shows_the_error(tmp_path: 
     config.write_text(GOOD.replace('"kept"', '"fixed"'))
     assert respawned.load()
     assert set(respawned.current.aliases) == {"fixed"} and respawned.last_error is None
+
+
+def keyed_holders(tmp_path: Path) -> tuple[Path, dict[str, str], str, str]:
+    """models.toml naming keys.toml, which holds alice and bob; the environment of `gateway serve`'s workers."""
+    alice, bob = new_key(), new_key()
+    write_keys_file(tmp_path / "keys.toml", {"alice": KeyEntry(hash=hash_key(alice)), "bob": KeyEntry(hash=hash_key(bob))})
+    config = tmp_path / "models.toml"
+    config.write_text('[auth]\nkeys_file = "keys.toml"\n' + GOOD)
+    return config, {LAST_GOOD_ENV: str(tmp_path / "last-good")}, alice, bob
+
+
+def refused(holder: SnapshotHolder, key: str) -> bool:
+    try:
+        holder.keys.authenticate(f"Bearer {key}")
+    except GatewayError:
+        return True
+    return False
+
+
+def test_a_fresh_holder_keeps_the_keys_of_a_keys_file_that_vanished(tmp_path: Path) -> None:
+    """A worker respawned after the keys file vanished took it for "not written yet" and refused every file
+    key, while the other workers kept them; now it serves the last good copy's keys and shows why."""
+    config, environ, alice, _ = keyed_holders(tmp_path)
+    assert SnapshotHolder(config, environ=environ).load()
+    copy = tmp_path / "last-good" / "keys.toml"
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600 and stat.S_IMODE(copy.parent.stat().st_mode) == 0o700
+
+    (tmp_path / "keys.toml").unlink()
+    respawned = SnapshotHolder(config, environ=environ)
+    assert not respawned.load() and respawned.load_last_good()
+    assert respawned.keys.authenticate(f"Bearer {alice}").name == "alice"
+    assert respawned.last_error is not None and "the keys file is gone" in respawned.last_error
+    # Serving from the copy, a reload of models.toml still finds the file gone: the keys stay.
+    config.write_text(config.read_text() + "\n")
+    assert not respawned.load() and respawned.keys.authenticate(f"Bearer {alice}").name == "alice"
+
+    # Without a copy (no worker of this run ever read the file) a missing keys file is only not written yet.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "models.toml").write_text(config.read_text())
+    assert SnapshotHolder(fresh / "models.toml", environ={LAST_GOOD_ENV: str(fresh / "last-good")}).load()
+
+
+def test_a_key_revoked_while_models_toml_is_broken_is_revoked(tmp_path: Path) -> None:
+    """models.toml is read first: while it was broken, a key revoked (`gateway keys revoke --file`) stayed
+    valid until it was mended, in every worker and in any worker respawned meanwhile."""
+    config, environ, alice, bob = keyed_holders(tmp_path)
+    holder = SnapshotHolder(config, environ=environ)
+    assert holder.load()
+    config.write_text(BROKEN)
+    write_keys_file(tmp_path / "keys.toml", {"alice": KeyEntry(hash=hash_key(alice), enabled=False), "bob": KeyEntry(hash=hash_key(bob))})
+    assert not holder.load()
+    assert refused(holder, alice) and not refused(holder, bob)
+    assert holder.last_error is not None and "contex_window" in holder.last_error
+    assert holder.current is not None and set(holder.current.aliases) == {"kept"}
+
+    respawned = SnapshotHolder(config, environ=environ)
+    assert not respawned.load() and respawned.load_last_good()
+    assert refused(respawned, alice) and not refused(respawned, bob)
+
+    # A broken keys file, meanwhile, keeps the keys that serve, as ever.
+    (tmp_path / "keys.toml").write_text("[keys.bob\n")
+    assert not holder.load() and refused(holder, alice) and not refused(holder, bob)
 
 
 def test_without_a_last_good_folder_a_broken_start_serves_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -90,18 +90,12 @@ def _hash_file(path: Path | None) -> str | None:
 
 # Some editors save by deleting the file and writing it anew, and a slip with rm or mv
 # would lock every file key out with nothing shown: a keys file that vanishes is kept,
-# as a models.toml that vanishes is. At startup a missing one is only not written yet.
+# as a models.toml that vanishes is. At startup a missing one is only not written yet,
+# unless another worker of the gateway served keys from it (its last-good copy says so).
 KEYS_FILE_GONE = (
     "the keys file is gone; the keys last read from it still authenticate. Revoke a key with "
     "`gateway keys revoke`; to stop using the file, remove [auth] keys_file from models.toml"
 )
-
-
-def _keys_file_gone(keys_path: Path | None, serving: Serving | None) -> bool:
-    """Whether the keys file that serving keys were read from no longer exists."""
-    if keys_path is None or serving is None or keys_path != serving.keys_path:
-        return False
-    return serving.keys_hash not in (None, UNREADABLE) and not keys_path.exists()
 
 
 def _read_if_present(path: Path | None) -> bytes | None:
@@ -114,10 +108,13 @@ def _read_if_present(path: Path | None) -> bytes | None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    # Several workers write the same bytes: a rename makes each write whole.
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Several workers write the same bytes: a rename makes each write whole. Private, as the keys
+    # file is (0600): the copy holds its hashes.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
     os.replace(temporary, path)
 
 
@@ -198,16 +195,20 @@ class SnapshotHolder:
         ):
             return Prepared(unchanged=True, keys_path_seen=serving.keys_path)
         keys_path: Path | None = None
+        config: Config | None = None
         try:
             config = parse_config(data, str(path))
             keys_path = keys_file_path(config, path)
             keys_bytes = _read_if_present(keys_path)
             keys_hash = _hash_file(keys_path)
-            if _keys_file_gone(keys_path, serving):
+            if self._keys_file_gone(keys_path, serving):
                 raise ConfigError(str(keys_path), [ConfigIssue((), KEYS_FILE_GONE)])
             keys = build_keyring(config, path, self.environ)
             snapshot = build_snapshot(config, source=str(path), content_hash=content_hash, environ=self.environ)
         except ConfigError as exc:
+            if config is None:  # models.toml itself is broken: a key revoked meanwhile is revoked all the same
+                keys_alone, keys_bytes = self._keys_alone(serving)
+                return Prepared(keys_alone, error=exc.render(), forced=force, keys_bytes=keys_bytes)
             return Prepared(error=exc.render(), keys_path_seen=keys_path, forced=force)
         except Exception as exc:  # a fault of ours must not take the serving config down with it
             log.exception("unexpected fault while loading %s", path)
@@ -215,6 +216,38 @@ class SnapshotHolder:
             return Prepared(error=error, keys_path_seen=keys_path, forced=force)
         serving = Serving(snapshot, keys, keys_path, keys_hash)
         return Prepared(serving, keys_path_seen=keys_path, forced=force, models_bytes=data, keys_bytes=keys_bytes)
+
+    def _keys_file_gone(self, keys_path: Path | None, serving: Serving | None) -> bool:
+        """Whether keys were served from ``keys_path``, by this worker or another, and it no longer exists."""
+        if keys_path is None or keys_path.exists():
+            return False
+        if serving is not None and keys_path == serving.keys_path and serving.keys_hash not in (None, UNREADABLE):
+            return True
+        copy = self._last_good_keys(keys_path)
+        return copy is not None and copy.is_file()
+
+    def _keys_alone(self, serving: Serving | None) -> tuple[Serving | None, bytes | None]:
+        """What serves with its keys file read again, while models.toml cannot be; (None, None) when the
+        keys file is unchanged, gone or broken (the keys that serve stay, as ever)."""
+        if serving is None or serving.keys_path is None:
+            return None, None
+        keys_bytes = _read_if_present(serving.keys_path)
+        if keys_bytes is None or _sha256(keys_bytes) == serving.keys_hash:
+            return None, None
+        try:
+            keys = build_keyring(serving.snapshot.config, Path(serving.snapshot.source), self.environ)
+        except ConfigError:
+            return None, None
+        return attrs.evolve(serving, keys=keys, keys_hash=_sha256(keys_bytes)), keys_bytes
+
+    def _last_good_keys(self, keys_path: Path) -> Path | None:
+        """Where the last-good copy of ``keys_path`` is kept: beside models.toml's, as it is beside models.toml."""
+        if self.last_good_dir is None:
+            return None
+        try:
+            return self.last_good_dir / keys_path.relative_to(self.path.parent)
+        except ValueError:
+            return None  # a keys file elsewhere is read from where it is
 
     def load_last_good(self) -> bool:
         """Serve the last configuration a worker of this gateway loaded; the file's error stays shown."""
@@ -234,6 +267,8 @@ class SnapshotHolder:
         if prepared.keys_path_seen is not None or prepared.error is None:
             self._keys_path_seen = prepared.keys_path_seen
         if prepared.error is not None:
+            if prepared.serving is not None:
+                self._swap_keys(prepared)
             return self._failed(prepared.error, repeat_log=prepared.forced)
         new = prepared.serving
         if new is None:
@@ -254,20 +289,27 @@ class SnapshotHolder:
         self._save_last_good(prepared)
         return True
 
+    def _swap_keys(self, prepared: Prepared) -> None:
+        """Serve the keys file read again while models.toml is broken (its error is recorded next)."""
+        new = prepared.serving
+        assert new is not None
+        self.serving = new
+        log.info("[pid %d] keys file %s reloaded; %s is not (below)", os.getpid(), new.keys_path, self.path)
+        self._save_last_good(prepared)
+
     def _save_last_good(self, prepared: Prepared) -> None:
         """Copy what now serves for workers started later (a keys file beside models.toml comes along)."""
         serving = prepared.serving
-        if self.last_good_dir is None or prepared.models_bytes is None or serving is None:
+        if self.last_good_dir is None or serving is None:
             return
         if serving.snapshot.source != str(self.path):
             return  # this load came from the copy itself
+        keys_copy = self._last_good_keys(serving.keys_path) if serving.keys_path is not None else None
         try:
-            _write_atomically(self.last_good_dir / LAST_GOOD_NAME, prepared.models_bytes)
-            if serving.keys_path is not None and prepared.keys_bytes is not None:
-                relative = serving.keys_path.relative_to(self.path.parent)
-                _write_atomically(self.last_good_dir / relative, prepared.keys_bytes)
-        except ValueError:
-            pass  # a keys file elsewhere is read from where it is
+            if prepared.models_bytes is not None:
+                _write_atomically(self.last_good_dir / LAST_GOOD_NAME, prepared.models_bytes)
+            if keys_copy is not None and prepared.keys_bytes is not None:
+                _write_atomically(keys_copy, prepared.keys_bytes)
         except OSError as exc:
             log.warning("[pid %d] could not keep a last-good copy of the configuration: %s", os.getpid(), exc.strerror)
 
