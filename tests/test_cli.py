@@ -359,6 +359,36 @@ def assert_refused_as_in_use(done: subprocess.CompletedProcess[str], port: int) 
     assert done.stderr.splitlines() == [expected]
 
 
+def test_workers_stop_when_the_main_process_is_killed(tmp_path: Path) -> None:
+    """granian's main process killed outright (SIGKILL, the OOM killer) left its workers serving as orphans:
+    nothing respawned them or passed SIGHUP on, and they held the port, so `gateway serve` could not start again."""
+    config = tmp_path / "models.toml"
+    config.write_text(one_backend_config("orphans"))
+    with start_gateway(config, env={"GATEWAY_API_KEYS": CLIENT_KEY}, workers=2, log_dir=tmp_path) as gateway:
+        workers: set[int] = set()
+        deadline = time.monotonic() + 20
+        while len(workers) < 2 and time.monotonic() < deadline:
+            with local_client() as fresh:  # a new connection each time, so both workers answer
+                workers.add(int(fresh.get(f"{gateway.url}/readyz").json()["pid"]))
+        assert len(workers) == 2
+        os.kill(gateway.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(pid) for pid in workers), gateway.log_tail()
+        assert "main process" in gateway.log_tail() and "is gone: this worker stops" in gateway.log_tail()
+        with pytest.raises(httpx.ConnectError), local_client() as fresh:
+            fresh.get(f"{gateway.url}/healthz")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, and not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+
+
 def test_serve_refuses_the_port_of_a_running_gateway(tmp_path: Path) -> None:
     """A second `gateway serve` on a running gateway's port exits 1 saying so; the first one serves on."""
     (tmp_path / "first").mkdir()

@@ -15,6 +15,7 @@ pool closes a removed backend's connections once idle (keep-alive expiry).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -46,6 +47,7 @@ from gateway.reload import SnapshotHolder
 from gateway.shared_health import SharedHealth
 from gateway.shared_metrics import MetricsExchange
 from gateway.shared_slots import SlotDirectory
+from gateway.supervisor import stop_when_orphaned
 from gateway.upstream import UpstreamClient
 from gateway.watch import LiveReload
 
@@ -200,12 +202,14 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         state.live_reload = LiveReload(holder)
         await state.live_reload.start()
         state.metrics_exchange = MetricsExchange.from_environment(metrics)
+        orphan_watch = asyncio.create_task(stop_when_orphaned(os.getppid()))
         # Last: what is alive now lives as long as the worker.
         log.debug("froze %d long-lived objects out of garbage collection", freeze_long_lived_heap())
         try:
             async with state.metrics_exchange.publishing() if state.metrics_exchange else nullcontext():
                 yield
         finally:
+            orphan_watch.cancel()
             # Stop reloading first: a reload must not race the client's shutdown.
             await state.live_reload.stop()
             await admission.aclose()
