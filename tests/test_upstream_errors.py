@@ -94,6 +94,14 @@ def test_rate_limit_speaking_of_tokens_is_not_a_context_refusal() -> None:
         (402, {"error": {"message": "insufficient credits", "code": 402}}, MOVE_ON),
         (404, {"error": {"message": "no such model"}}, MOVE_ON),
         (413, {"error": {"message": "payload too large"}}, STOP),
+        (422, {"object": "error", "message": "temperature must be <= 2", "type": "BadRequestError", "code": 422}, STOP),
+        # About the call the gateway made, not the client's request: a base_url path that takes no POST, a
+        # proxy wanting credentials, a refused content type. They reached the client as its own 405 (with no
+        # Allow) or 407, and no fallback was tried.
+        (405, {"error": {"message": "Method Not Allowed"}}, MOVE_ON),
+        (407, {"error": {"message": "Proxy Authentication Required"}}, MOVE_ON),
+        (415, {"error": {"message": "unsupported media type"}}, MOVE_ON),
+        (451, {"error": {"message": "unavailable for legal reasons"}}, MOVE_ON),
         (408, {"error": {"message": "timeout"}}, RETRY),
         (409, {"error": {"message": "conflict"}}, RETRY),
         (500, {"error": {"message": "boom"}}, RETRY),

@@ -73,9 +73,11 @@ from gateway.upstream_errors import UpstreamErrorInfo, read_upstream_error
 log = logging.getLogger("gateway.dispatch")
 
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
-# The backend's key, credit or model id is wrong: the operator's problem, not the
-# client's, so the plan moves on instead of stopping.
-BACKEND_PROBLEM_STATUSES = frozenset({401, 402, 403, 404})
+# An upstream's 4xx about the request itself (a bad parameter, a body too large), or a content
+# filter's (any status): the client's to mend, passed on with its status. Any other 4xx is about
+# the call the gateway made (a wrong key, credit or model id, a base_url path that takes no POST,
+# a proxy wanting credentials): the operator's problem, not the client's, so the plan moves on.
+REQUEST_STATUSES = frozenset({400, 413, 422})
 TIMEOUT_OUTCOMES = frozenset({"timeout", "connect_timeout", "first_byte_timeout", "idle_timeout"})
 # Outcomes that show the target is up and answering, though not with what we need.
 ANSWERED_OUTCOMES = frozenset({"context_length", "no_image"})
@@ -528,13 +530,13 @@ def info_verdict(status: int, info: UpstreamErrorInfo, retry_after: float | None
         return Verdict(MOVE_ON, "context_length", info.reason)
     if status in TRANSIENT_STATUSES or status >= 500:
         return Verdict(RETRY, outcome, info.reason, retry_after_s=retry_after)
-    if status in BACKEND_PROBLEM_STATUSES and not info.is_content_filter:
-        return Verdict(MOVE_ON, outcome, info.reason)
-    if 400 <= status < 500:
+    if 400 <= status < 500 and (status in REQUEST_STATUSES or info.is_content_filter):
         what = f"HTTP {status}" + (f", {info.code}" if info.code and info.code != str(status) else "")
         at: Location | None = (info.param,) if info.param else None
         error = GatewayError("upstream_rejected", f"The model refused the request ({what}): {info.reason}", at=at, status=status)
         return Verdict(STOP, outcome, info.reason, error=error)
+    if 400 <= status < 500:
+        return Verdict(MOVE_ON, outcome, info.reason)
     return Verdict(RETRY, outcome, f"unexpected status: {info.reason}")
 
 

@@ -185,7 +185,7 @@ CATALOG: Mapping[str, ErrorKind] = _kinds(
         400,
         "upstream_rejected",
         _REQ,
-        "The upstream refused the request itself (a bad parameter, a content filter); its status is kept.",
+        "The upstream refused the request itself (a bad parameter: 400 or 422, a body too large: 413, a content filter); its status is kept. Its other 4xx (a wrong key, model id or path) move on to the next target.",
         "Read the upstream's reason in the message and change the request.",
     ),
     (
