@@ -71,6 +71,8 @@ HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 # contradict it (two Content-Length headers desynchronise a kept-alive connection).
 GATEWAY_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect"}
+    # The body is always JSON, and an answer must come in an encoding the gateway reads.
+    | {"content-type", "accept-encoding"}
 )
 
 
@@ -308,12 +310,18 @@ def _check_backend_values(raw: Mapping[str, Any], path: ConfigPath) -> Iterator[
             "not the key itself (the value is not shown here)",
         )
     headers = raw.get("headers")
+    seen: dict[str, str] = {}
     for name, value in headers.items() if isinstance(headers, dict) else ():
         at = path + ("headers", name)
         if not HEADER_NAME.fullmatch(name):
             yield ConfigIssue(at, "not a header name: letters, digits and - _ . and the like; no space, colon or line break")
         elif name.lower() in GATEWAY_HEADERS:
             yield ConfigIssue(at, f"the gateway sets {name} itself on every upstream request")
+        elif name.lower() in seen:
+            yield ConfigIssue(at, f"the same header as {seen[name.lower()]} (header names ignore case): keep one")
+        elif name.lower() == "authorization" and isinstance(env, str):
+            yield ConfigIssue(at, "api_key_env sends the backend's key as Authorization: set the header or api_key_env, not both")
+        seen.setdefault(name.lower(), name)
         if isinstance(value, str) and not HEADER_VALUE.fullmatch(value):
             yield ConfigIssue(at, "the value holds a line break or another control character, or a character outside Latin-1")
 
