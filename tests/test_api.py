@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from conftest import CLIENT_KEY, UPSTREAM_KEY, GatewayFactory, backend_toml
+from gateway.app import name_request
 from gateway.errors import CATALOG
 from harness import GatewayProcess, ManagedProcess, StandIn, free_port, gateway_env, local_client, start_gateway
 
@@ -783,3 +784,10 @@ def test_openapi_document_describes_chat_completions(client: httpx.Client, gatew
     schema = document["components"]["schemas"][reference.rsplit("/", 1)[-1]]
     assert {"model", "messages", "stream", "max_tokens", "tools", "response_format"} <= set(schema["properties"])
     assert set(schema["required"]) == {"model", "messages"}
+
+
+def test_a_long_request_id_is_cut_at_a_character() -> None:
+    """An id is kept to its first 128 bytes: cut inside a UTF-8 character, it came back ending in half of one."""
+    for sent, kept in ((b"a" * 127 + "é".encode(), b"a" * 127), (b"b" * 200, b"b" * 128), (b"c" * 126 + "é".encode(), b"c" * 126 + "é".encode())):
+        scope: dict[str, Any] = {"headers": [(b"x-request-id", sent)]}
+        assert name_request(scope) == kept and scope["gateway_request_id"] == kept.decode("latin-1")

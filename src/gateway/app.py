@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway")
 
 DEFAULT_CONFIG = "models.toml"
+# A client's own x-request-id is echoed and logged up to this long.
+MAX_REQUEST_ID_BYTES = 128
 
 
 @attrs.define
@@ -76,12 +78,23 @@ def name_request(scope: Any) -> bytes:
     rid = None
     for key, value in scope["headers"]:
         if key == b"x-request-id":
-            rid = value[:128]
+            rid = value if len(value) <= MAX_REQUEST_ID_BYTES else _cut_request_id(value)
             break
     if not rid:
         rid = os.urandom(16).hex().encode()
     scope["gateway_request_id"] = rid.decode("latin-1")
     return rid
+
+
+def _cut_request_id(value: bytes) -> bytes:
+    """A client's long id, cut to its first MAX_REQUEST_ID_BYTES: never half a UTF-8 character."""
+    cut = value[:MAX_REQUEST_ID_BYTES]
+    try:
+        cut.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data":
+            return cut[: exc.start]
+    return cut
 
 
 def _send_with_request_id(rid: bytes, send: Any) -> Any:
