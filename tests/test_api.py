@@ -7,6 +7,7 @@ another auth setup start their own.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -791,3 +792,35 @@ def test_a_long_request_id_is_cut_at_a_character() -> None:
     for sent, kept in ((b"a" * 127 + "é".encode(), b"a" * 127), (b"b" * 200, b"b" * 128), (b"c" * 126 + "é".encode(), b"c" * 126 + "é".encode())):
         scope: dict[str, Any] = {"headers": [(b"x-request-id", sent)]}
         assert name_request(scope) == kept and scope["gateway_request_id"] == kept.decode("latin-1")
+
+
+def test_log_lines_name_the_request_they_are_about(standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """An operator given a client's x-request-id finds what happened to it: a failed attempt's warning named
+    the alias and backend but no request. Two requests at once each get their own id, never the other's."""
+    gateway = gateway_factory(
+        backend_toml(standin)
+        + "".join(f'[models."{name}"]\nbackend = "local"\nmodel = "{name}-up"\nretries = 0\n' for name in ("log-a", "log-b"))
+    )
+    for name in ("log-a", "log-b"):
+        standin.script(f"{name}-up", [{"kind": "status", "status": 503, "delay_ms": 300}])
+
+    async def both() -> list[int]:
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+            answers = await asyncio.gather(*(
+                client.post(
+                    f"{gateway.url}/v1/chat/completions", json=chat_body(name),
+                    headers={**auth(), "x-request-id": f"req-{name}"},
+                )
+                for name in ("log-a", "log-b")
+            ))
+        return [a.status_code for a in answers]
+
+    assert asyncio.run(both()) == [502, 502]
+    deadline = time.monotonic() + 5
+    while gateway.log_tail(200).count("attempt on log-") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in gateway.log_tail(200).splitlines() if "attempt on log-" in line]
+    assert sorted(line.split("attempt on ")[1].split()[0] for line in lines) == ["log-a", "log-b"]
+    for line in lines:
+        name = line.split("attempt on ")[1].split()[0]
+        assert f"[request req-{name}] attempt on {name} " in line, line

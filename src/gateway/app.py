@@ -40,7 +40,7 @@ from gateway.concurrency import BackendGates
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthBoard
-from gateway.logs import configure_logging
+from gateway.logs import REQUEST_ID, configure_logging
 from gateway.memory import freeze_long_lived_heap, keep_large_buffers_in_heap
 from gateway.metrics import Metrics
 from gateway.reload import SnapshotHolder
@@ -82,7 +82,8 @@ def name_request(scope: Any) -> bytes:
             break
     if not rid:
         rid = os.urandom(16).hex().encode()
-    scope["gateway_request_id"] = rid.decode("latin-1")
+    scope["gateway_request_id"] = text = rid.decode("latin-1")
+    REQUEST_ID.set(text)
     return rid
 
 

@@ -6,14 +6,27 @@ alike. httpx and httpcore are held at WARNING: they log every upstream request
 at INFO, which is noise in an operator's log and measurable cost on the hot path.
 Litestar's own logging setup (a queue and a listener thread) is switched off in
 ``create_app``; nothing of ours needs it.
+
+A line logged while a request is served names the request's id (the ``x-request-id``
+its answer carries), so an operator can find what happened to a client's request.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextvars import ContextVar
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]:%(request)s %(message)s"
+# The id of the request being served (``app.name_request`` sets it in the request's own task).
+REQUEST_ID: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = REQUEST_ID.get()
+        record.request = f" [request {rid}]" if rid else ""
+        return True
 
 
 def configure_logging() -> None:
@@ -22,6 +35,7 @@ def configure_logging() -> None:
     if not any(getattr(handler, "_gateway", False) for handler in logger.handlers):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(FORMAT))
+        handler.addFilter(_RequestIdFilter())
         handler._gateway = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(level)
