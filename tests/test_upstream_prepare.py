@@ -29,16 +29,18 @@ def test_a_local_backend() -> None:
     assert lines[0] == "POST /v1/chat/completions HTTP/1.1"
     assert "host: 127.0.0.1:8000" in lines
     assert "accept-encoding: identity" in lines
+    assert "user-agent: dgx-llm-gateway/0.1" in lines  # some providers' firewalls refuse a request without one
     assert not any(line.startswith("authorization") for line in lines)
     assert prepared.url == "http://127.0.0.1:8000/v1/chat/completions"
 
 
 def test_a_cloud_backend_with_a_key_and_headers() -> None:
-    prepared = prepare(target("https://openrouter.ai/api/v1", api_key="sk-or-1", headers={"X-Title": "Spark"}))
+    prepared = prepare(target("https://openrouter.ai/api/v1", api_key="sk-or-1", headers={"X-Title": "Spark", "User-Agent": "spark/2"}))
     assert prepared.origin == Origin("https", "openrouter.ai", 443)
     lines = head_lines(prepared.head)
     assert lines[0] == "POST /api/v1/chat/completions HTTP/1.1"
-    assert {"host: openrouter.ai", "authorization: Bearer sk-or-1", "x-title: Spark"} <= set(lines)
+    assert {"host: openrouter.ai", "authorization: Bearer sk-or-1", "x-title: Spark", "user-agent: spark/2"} <= set(lines)
+    assert "user-agent: dgx-llm-gateway/0.1" not in lines
 
 
 def test_credentials_in_the_url_never_travel_in_it() -> None:

@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 
 # Loopback upstreams answer uncompressed: gzip would cost CPU on both sides for nothing,
 # and remote ones send small JSON whose size does not matter next to generation time.
-BASE_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
+# A User-Agent too: some providers' firewalls refuse a request without one. A backend's
+# `headers` may set another.
+BASE_HEADERS = {"content-type": "application/json", "accept-encoding": "identity", "user-agent": "dgx-llm-gateway/0.1"}
 
 
 # The most of one answer the gateway reads: a whole non-streaming answer, or one event of
