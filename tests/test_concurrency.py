@@ -8,6 +8,7 @@ a real gateway whose backend has ``max_concurrency`` against the stand-in, whose
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -59,6 +60,28 @@ def test_waiters_are_served_in_arrival_order() -> None:
         return order
 
     assert asyncio.run(scenario()) == [0, 1, 2, 3, 4]
+
+
+def test_refusals_of_one_burst_are_told_to_come_back_at_different_times() -> None:
+    """Twenty callers refused at once all read `Retry-After: 2` and came back together (to be refused
+    together again): `retry-after-ms`, which the openai SDKs read first, spreads them around the guess."""
+
+    async def scenario() -> tuple[float, list[GatewayError]]:
+        gate = Gate(1)
+        await gate.acquire("m", max_queue=0, timeout_s=5)
+        refusals = []
+        for _ in range(20):
+            try:
+                await gate.acquire("m", max_queue=0, timeout_s=5)
+            except GatewayError as error:
+                refusals.append(error)
+        return gate.wait_guess_s(), refusals
+
+    guess_s, refusals = asyncio.run(scenario())
+    spread = [int(error.headers["retry-after-ms"]) / 1000 for error in refusals]
+    assert len(refusals) == 20 and len(set(spread)) > 10
+    assert all(0.75 * max(guess_s, 0.25) - 0.001 <= s <= 1.25 * max(guess_s, 0.25) + 0.001 for s in spread), (guess_s, spread)
+    assert {error.headers["retry-after"] for error in refusals} == {str(max(1, math.ceil(guess_s)))}
 
 
 def test_full_line_is_refused_at_once_with_retry_after() -> None:

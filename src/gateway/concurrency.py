@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,6 +47,9 @@ DEFAULT_QUEUE_TIMEOUT_S = 30.0
 # How much one finished call moves the estimate of how long a slot is held.
 HOLD_SMOOTHING = 0.2
 MAX_RETRY_AFTER_S = 60
+# The least wait a refusal's retry-after-ms is spread around: a fast backend's hold time is
+# milliseconds, which would bring the refused back before anything changed.
+MIN_SPREAD_S = 0.25
 # How often a worker whose line waits looks for a slot another worker gave back:
 # small beside a GPU call's seconds, rare enough to cost nothing measurable.
 SHARED_POLL_S = 0.005
@@ -137,10 +141,10 @@ class Gate:
         # No hand-over now: the next poll takes it, or another worker's does first.
         self._poll_soon()
 
-    def retry_after_s(self) -> int:
+    def wait_guess_s(self) -> float:
         """A guess at when a slot frees up for a newcomer: the line's length in slot-hold times."""
         rounds = (len(self.waiters) + 1) / max(1, self.capacity)
-        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(self.mean_hold_s * rounds)))
+        return min(float(MAX_RETRY_AFTER_S), self.mean_hold_s * rounds)
 
     @staticmethod
     def _handed(turn: asyncio.Future[int]) -> bool:
@@ -190,11 +194,16 @@ class Gate:
         self._hand_over()
 
     def _busy(self, alias: str, why: str) -> GatewayError:
-        retry_after = self.retry_after_s()
+        guess_s = self.wait_guess_s()
+        retry_after = max(1, math.ceil(guess_s))
+        # Every client refused in one burst read the same whole seconds and came back together, to
+        # be refused together again. retry-after-ms, which the openai SDKs read first, spreads them.
+        spread_s = min(float(MAX_RETRY_AFTER_S), max(guess_s, MIN_SPREAD_S) * random.uniform(0.75, 1.25))
+        spread_ms = max(1, round(spread_s * 1000))
         return GatewayError(
             "concurrency_limit_exceeded",
             f"Model '{alias}' is serving {self.capacity} requests at once and {why}. Retry after {retry_after} s.",
-            headers={"retry-after": str(retry_after)},
+            headers={"retry-after": str(retry_after), "retry-after-ms": str(spread_ms)},
         )
 
 
