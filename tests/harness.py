@@ -438,6 +438,15 @@ def serving(config_text: str, directory: Path, *, env: Mapping[str, str] | None 
         yield running
 
 
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` has exited: gone, or a zombie waiting for a reaper, which is as good as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def group_rss_bytes(pgid: int, field: str = "VmRSS") -> int:
     """Resident memory of every process in a process group (the gateway and its workers);
     ``field="VmHWM"``: the sum of each one's peak."""

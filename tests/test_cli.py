@@ -18,7 +18,17 @@ import httpx
 import pytest
 
 from conftest import CLIENT_KEY, backend_toml
-from harness import LOOPBACK, UPSTREAM_KEY, StandIn, free_port, gateway_env, local_client, serving, start_gateway
+from harness import (
+    LOOPBACK,
+    UPSTREAM_KEY,
+    StandIn,
+    free_port,
+    gateway_env,
+    local_client,
+    process_gone,
+    serving,
+    start_gateway,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models.toml"
@@ -373,20 +383,12 @@ def test_workers_stop_when_the_main_process_is_killed(tmp_path: Path) -> None:
         assert len(workers) == 2
         os.kill(gateway.pid, signal.SIGKILL)
         deadline = time.monotonic() + 15
-        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        while not all(process_gone(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_running(pid) for pid in workers), gateway.log_tail()
+        assert all(process_gone(pid) for pid in workers), gateway.log_tail()
         assert "main process" in gateway.log_tail() and "is gone: this worker stops" in gateway.log_tail()
         with pytest.raises(httpx.ConnectError), local_client() as fresh:
             fresh.get(f"{gateway.url}/healthz")
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (not gone, and not a zombie waiting to be reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
 
 
 def test_serve_refuses_the_port_of_a_running_gateway(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from conftest import CLIENT_KEY, GatewayFactory, backend_toml
 from gateway import shared_health
 from gateway.health import HealthBoard
 from gateway.shared_health import ENTRY, SharedHealth
-from harness import StandIn, local_client
+from harness import StandIn, local_client, process_gone
 
 # (backend, model, connection fingerprint), as ``Target.key`` makes them.
 KEYS = [("spark", "qwen", "f1"), ("cloud", "gemma", "f2"), ("cloud", "gpt", "f2")]
@@ -103,7 +103,7 @@ def test_a_probe_whose_worker_died_is_taken_over(tmp_path: Path) -> None:
         assert board.admit(key, 600) > 0 and board.cooling_for(key) > 500  # its probe runs: skipped
         assert prober.pid is not None
         os.kill(prober.pid, signal.SIGKILL)
-        while _state(prober.pid) != b"Z" and time.monotonic() < deadline:  # dead, not reaped
+        while not process_gone(prober.pid) and time.monotonic() < deadline:  # dead, not yet reaped
             time.sleep(0.01)
         assert board.cooling_for(key) == 0
         assert board.admit(key, 600) == 0  # this worker now runs the probe ...
@@ -116,10 +116,6 @@ def test_a_probe_whose_worker_died_is_taken_over(tmp_path: Path) -> None:
 def _probe_then_wait(directory: Path, key: tuple[str, str, str]) -> None:
     assert HealthBoard(SharedHealth(directory)).admit(key, 600) == 0
     time.sleep(60)
-
-
-def _state(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
 
 
 def test_long_names_and_errors_are_kept_cut_at_a_character(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from harness import ProcessStartError, StandIn, local_client, start_gateway, start_standin
+from harness import ProcessStartError, StandIn, local_client, process_gone, start_gateway, start_standin
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -578,15 +578,6 @@ import signal
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 HTTPServer((args.host, args.port), Handler).serve_forever()
 '''
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            # A zombie waiting for a reaper is as good as gone.
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 @pytest.fixture
