@@ -232,13 +232,14 @@ class SnapshotHolder:
         if serving is None or serving.keys_path is None:
             return None, None
         keys_bytes = _read_if_present(serving.keys_path)
-        if keys_bytes is None or _sha256(keys_bytes) == serving.keys_hash:
+        keys_hash = _sha256(keys_bytes) if keys_bytes is not None else None
+        if keys_hash is None or keys_hash == serving.keys_hash:
             return None, None
         try:
             keys = build_keyring(serving.snapshot.config, Path(serving.snapshot.source), self.environ)
         except ConfigError:
             return None, None
-        return attrs.evolve(serving, keys=keys, keys_hash=_sha256(keys_bytes)), keys_bytes
+        return attrs.evolve(serving, keys=keys, keys_hash=keys_hash), keys_bytes
 
     def _last_good_keys(self, keys_path: Path) -> Path | None:
         """Where the last-good copy of ``keys_path`` is kept: beside models.toml's, as it is beside models.toml."""
