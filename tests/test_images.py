@@ -133,6 +133,12 @@ def test_media_type_parameters_allowed() -> None:
     assert inspect_image_url(url, max_image_bytes=None, at=AT).image_type == "png"
 
 
+def test_media_type_may_be_written_with_spaces_around_it() -> None:
+    """`data: image/png ;base64,` is read as image/png, as browsers and Python's own parsers read it."""
+    url = "data: image/png ;base64," + b64(PNG)
+    assert inspect_image_url(url, max_image_bytes=None, at=AT).image_type == "png"
+
+
 @pytest.mark.parametrize("extra", [0, 1, 2])
 def test_decoded_size_accounts_for_padding(extra: int) -> None:
     """Zero, one and two '=' characters give the exact decoded size."""

@@ -118,8 +118,8 @@ IMAGES = '[models.v]\nbackend = "b"\nmodel = "v"\ninput = ["text", "image"]\nmax
 
 
 def test_too_many_images_points_at_the_first_image_over_the_limit() -> None:
-    """With max_images = 2 the third image is the one reported."""
-    body = chat("v", image_part(), image_part(), image_part())
+    """With max_images = 2 the third image is the one reported, not the last."""
+    body = chat("v", image_part(), image_part(), image_part(), image_part())
     assert verdict(snapshot(IMAGES), body) == ("too_many_images", ("messages", 0, "content", 3, "image_url", "url"))
 
 
@@ -313,6 +313,108 @@ route = ["many"]
     snap = snapshot(toml)
     assert verdict(snap, chat("group", image_part(), image_part(), image_part())) is None
     assert snap.lookup("group").rules.limit("max_images") == 3
+
+
+def test_max_output_tokens_takes_its_own_value() -> None:
+    """max_output_tokens = 1000 takes max_tokens 1000 and refuses 1001 (the bound itself was never sent)."""
+    snap = snapshot('[models.capped]\nbackend = "b"\nmodel = "c"\nmax_output_tokens = 1000\n')
+    assert verdict(snap, chat("capped", max_tokens=1000)) is None
+    assert verdict(snap, chat("capped", max_completion_tokens=1001)) == ("max_tokens_too_large", ("max_completion_tokens",))
+
+
+def test_every_output_modality_asked_for_is_checked() -> None:
+    """`modalities: ["image", "audio"]` to an alias answering text and images is refused at the audio."""
+    snap = snapshot('[models.painter]\nbackend = "b"\nmodel = "p"\noutput = ["text", "image"]\n')
+    assert verdict(snap, chat("painter", modalities=["image", "audio"])) == ("modality_not_supported", ("modalities", 1))
+    assert verdict(snap, chat("painter", modalities=["text", "image"])) is None
+
+
+def test_a_capability_is_refused_in_a_stream_too() -> None:
+    """tools = false refuses tools in a streamed request as in a plain one."""
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert verdict(snapshot(ROUTES), chat("vision", stream=True, tools=tools)) == ("capability_not_supported", ("tools",))
+
+
+def test_images_to_an_alias_that_takes_none_are_refused_for_the_modality_not_their_number() -> None:
+    """Two images to a text alias under [defaults] max_images = 1: the client must be told the alias takes
+    no images, not to send fewer."""
+    snap = snapshot('[defaults]\nmax_images = 1\n[models.text]\nbackend = "b"\nmodel = "t"\n')
+    assert verdict(snap, chat("text", image_part(), image_part())) == ("modality_not_supported", AT_PART_1)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "x" * 5000}}]},
+        {"role": "assistant", "content": None, "refusal": "x" * 5000},
+    ],
+    ids=["tool-call-arguments", "refusal"],
+)
+def test_every_text_the_model_reads_counts_toward_the_window(message: dict[str, Any]) -> None:
+    """A tool call's arguments and an assistant's refusal are prompt text: 5,000 characters cannot fit a
+    window of 10 tokens (at most 256 characters a token)."""
+    snap = snapshot('[models.small]\nbackend = "b"\nmodel = "s"\ncontext_window = 10\n')
+    body = {"model": "small", "messages": [{"role": "user", "content": "hi"}, message]}
+    assert verdict(snap, body) == ("context_length_exceeded", ("messages",))
+
+
+@pytest.mark.parametrize("thinking", [{"type": "adaptive"}, {"budget_tokens": 1024}])
+def test_any_thinking_but_disabled_is_thinking(thinking: dict[str, Any]) -> None:
+    """thinking = false refuses every `thinking` object that does not say "disabled", as the README says."""
+    assert verdict(snapshot(CAPS), chat("plain", thinking=thinking)) == ("capability_not_supported", ("thinking",))
+    assert verdict(snapshot(CAPS), chat("plain", thinking={"type": "disabled"})) is None
+
+
+def test_a_null_audio_asks_for_no_audio() -> None:
+    """`"audio": null` is absent (SPEC §2): a text alias takes it; an audio object it refuses."""
+    assert verdict(SEED, chat("qwen3-8b", audio=None)) is None
+    assert verdict(SEED, chat("qwen3-8b", audio={"voice": "alloy", "format": "wav"})) == ("modality_not_supported", ("audio",))
+
+
+def test_a_composite_shows_what_its_widest_member_takes() -> None:
+    """GET /v1/models shows a composite's widest: the least min_max_tokens, no max_output_tokens when a member
+    has none, a capability when any member has it; its own min_max_tokens raises its members' least."""
+    toml = """
+[models.strict]
+backend = "b"
+model = "s"
+min_max_tokens = 10
+max_output_tokens = 1000
+tools = false
+[models.loose]
+backend = "b"
+model = "l"
+min_max_tokens = 50
+[models.either]
+route = ["strict", "loose"]
+[models.either-at-20]
+route = ["strict", "loose"]
+min_max_tokens = 20
+"""
+    snap = snapshot(toml)
+    either = model_entry(snap.lookup("either"), 0)["capabilities"]
+    assert (either["min_max_tokens"], either["max_output_tokens"], either["tools"]) == (10, None, True)
+    assert model_entry(snap.lookup("either-at-20"), 0)["capabilities"]["min_max_tokens"] == 20
+
+
+def test_a_composites_image_size_is_its_image_members_not_defaults() -> None:
+    """[defaults] max_image_bytes = 100 does not refuse a 5,000-byte image that the composite's image member
+    (max_image_bytes = 100,000) takes."""
+    toml = """
+[defaults]
+max_image_bytes = 100
+[models.text]
+backend = "b"
+model = "t"
+[models.vision]
+backend = "b"
+model = "v"
+input = ["text", "image"]
+max_image_bytes = 100_000
+[models.group]
+route = ["text", "vision"]
+"""
+    assert verdict(snapshot(toml), chat("group", image_part(size=5000))) is None
 
 
 # ---------------------------------------------------------------- loader cross-checks
