@@ -25,7 +25,7 @@ from gateway.auth import KeyRing
 from gateway.config import ConfigError, parse_config
 from gateway.config.model import KeyEntry
 from gateway.errors import GatewayError
-from gateway.keys import build_keyring, hash_key, new_key, parse_keys, read_keys_file, write_keys_file
+from gateway.keys import build_keyring, hash_key, keys_file_path, new_key, parse_keys, read_keys_file, write_keys_file
 from harness import StandIn, gateway_env, local_client
 
 RELOAD_WAIT_S = 8.0
@@ -147,7 +147,7 @@ def test_keyring_combines_env_keys_and_the_file(tmp_path: Path) -> None:
         "bob": KeyEntry(hash=hash_key(bob), enabled=False),
     })
     config = parse_config(b'[auth]\nkeys_file = "keys.toml"\n[backends.b]\nbase_url = "http://127.0.0.1:9"\n[models.alpha]\nbackend = "b"\nmodel = "m"\n')
-    ring = build_keyring(config, tmp_path / "models.toml", {"GATEWAY_API_KEYS": "sk-env-1, sk-env-2"})
+    ring = build_keyring(config, keys_file_path(config, tmp_path / "models.toml"), {"GATEWAY_API_KEYS": "sk-env-1, sk-env-2"})
 
     env = ring.authenticate("Bearer sk-env-2")
     assert env.name == "env-key-" + hashlib.sha256(b"sk-env-2").hexdigest()[:12] and env.may_use("anything")
@@ -169,7 +169,7 @@ def test_revoking_the_last_key_refuses_it_and_opens_nothing(tmp_path: Path, requ
         f'[auth]\nkeys_file = "keys.toml"\nrequired = {required}\n'
         '[backends.b]\nbase_url = "http://127.0.0.1:9"\n[models.alpha]\nbackend = "b"\nmodel = "m"\n'.encode()
     )
-    ring = build_keyring(config, tmp_path / "models.toml", {})
+    ring = build_keyring(config, keys_file_path(config, tmp_path / "models.toml"), {})
     for authorization, code in ((f"Bearer {bob}", "invalid_api_key"), (None, "missing_api_key")):
         with pytest.raises(GatewayError) as refused:
             ring.authenticate(authorization)
@@ -185,7 +185,7 @@ def test_a_key_allowed_an_alias_the_config_lost_is_logged_not_refused(tmp_path: 
     })
     config = parse_config(b'[auth]\nkeys_file = "keys.toml"\n[backends.b]\nbase_url = "http://127.0.0.1:9"\n[models.alpha]\nbackend = "b"\nmodel = "m"\n')
     with caplog.at_level(logging.WARNING, logger="gateway.keys"):
-        ring = build_keyring(config, tmp_path / "models.toml", {})
+        ring = build_keyring(config, keys_file_path(config, tmp_path / "models.toml"), {})
     assert ring.authenticate(f"Bearer {carol}").may_use("alpha")
     assert [r.getMessage() for r in caplog.records] == ["key 'carol' may use 'renamed', which models.toml no longer has"]
     assert carol not in caplog.text

@@ -120,6 +120,50 @@ def test_a_key_revoked_while_models_toml_is_broken_is_revoked(tmp_path: Path) ->
     assert not holder.load() and refused(holder, alice) and not refused(holder, bob)
 
 
+def test_a_worker_started_on_the_copy_reads_the_keys_file_itself(tmp_path: Path) -> None:
+    """A worker respawned while models.toml was broken served the copy's keys and watched the copy: a key
+    revoked in the keys file stayed valid there, even after models.toml was mended, and keys added later
+    were refused. It reads the keys file models.toml names, and leaves the copy once models.toml loads."""
+    config, environ, alice, bob = keyed_holders(tmp_path)
+    good = config.read_text()
+    assert SnapshotHolder(config, environ=environ).load()
+    config.write_text(BROKEN)
+    respawned = SnapshotHolder(config, environ=environ)
+    assert not respawned.load() and respawned.load_last_good()
+    assert respawned.serving is not None and respawned.serving.keys_path == tmp_path / "keys.toml"
+
+    carol = new_key()
+    write_keys_file(tmp_path / "keys.toml", {
+        "alice": KeyEntry(hash=hash_key(alice), enabled=False), "bob": KeyEntry(hash=hash_key(bob)), "carol": KeyEntry(hash=hash_key(carol)),
+    })
+    assert not respawned.load()  # models.toml is still broken: the keys file is read alone
+    assert refused(respawned, alice) and not refused(respawned, carol)
+
+    config.write_text(good)  # the same bytes as the copy's
+    assert respawned.load() and respawned.last_error is None
+    assert respawned.current is not None and respawned.current.source == str(config)
+    assert refused(respawned, alice) and not refused(respawned, carol) and not refused(respawned, bob)
+
+
+def test_a_keys_file_outside_the_folder_is_kept_too(tmp_path: Path) -> None:
+    """A keys file named by an absolute path in another folder had no last-good copy: a worker respawned
+    after it vanished refused every file key while the others took them."""
+    elsewhere = tmp_path / "secrets"
+    elsewhere.mkdir()
+    alice = new_key()
+    write_keys_file(elsewhere / "keys.toml", {"alice": KeyEntry(hash=hash_key(alice))})
+    config = tmp_path / "models.toml"
+    config.write_text(f'[auth]\nkeys_file = "{elsewhere / "keys.toml"}"\n' + GOOD)
+    environ = {LAST_GOOD_ENV: str(tmp_path / "last-good")}
+    assert SnapshotHolder(config, environ=environ).load()
+
+    (elsewhere / "keys.toml").unlink()
+    respawned = SnapshotHolder(config, environ=environ)
+    assert not respawned.load() and respawned.load_last_good()
+    assert respawned.keys.authenticate(f"Bearer {alice}").name == "alice"
+    assert respawned.last_error is not None and "the keys file is gone" in respawned.last_error
+
+
 def test_without_a_last_good_folder_a_broken_start_serves_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Outside `gateway serve` (no folder named) there is no copy to fall back to."""
     config = tmp_path / "models.toml"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
-from gateway.keys import build_keyring, keys_file_named_in, read_keys_file
+from gateway.keys import build_keyring, keys_file_named_in, keys_file_path, read_keys_file
 from gateway.keys_cli import add_keys_parser
 from gateway.reload import LAST_GOOD_ENV
 from gateway.shared_slots import SHARED_DIR_ENV
@@ -34,7 +34,7 @@ def _load_or_report(path: Path, consequence: str) -> Config | None:
     try:
         if config is not None:
             # The same reader the running gateway uses: a keys file it would refuse fails here too.
-            build_keyring(config, path, os.environ)
+            build_keyring(config, keys_file_path(config, path), os.environ)
         elif (keys := keys_file_named_in(path)) is not None:
             read_keys_file(keys)
     except ConfigError as exc:

@@ -83,10 +83,10 @@ def keys_file_named_in(config_path: Path) -> Path | None:
     return _beside(auth.get("keys_file") if isinstance(auth, dict) else None, config_path)
 
 
-def build_keyring(config: Config, config_path: Path, environ: Mapping[str, str]) -> KeyRing:
-    """The keys this configuration accepts; a broken keys file raises ``ConfigError``."""
+def build_keyring(config: Config, path: Path | None, environ: Mapping[str, str]) -> KeyRing:
+    """The keys this configuration accepts, read from the keys file at ``path`` (``keys_file_path``,
+    or a copy of it); a broken keys file raises ``ConfigError``."""
     env_keys = environ.get("GATEWAY_API_KEYS", "").split(",")
-    path = keys_file_path(config, config_path)
     entries = read_keys_file(path) if path is not None else {}
     if path is not None and not path.exists():
         log.warning("the keys file %s does not exist yet: only GATEWAY_API_KEYS keys are accepted", path)

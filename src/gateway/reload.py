@@ -46,6 +46,8 @@ log = logging.getLogger("gateway.reload")
 UNREADABLE = "unreadable"
 LAST_GOOD_ENV = "GATEWAY_LAST_GOOD_DIR"
 LAST_GOOD_NAME = "models.toml"
+# Where the last-good copy of a keys file outside models.toml's folder is kept.
+ELSEWHERE = "keys-elsewhere"
 
 
 @attrs.frozen
@@ -190,6 +192,7 @@ class SnapshotHolder:
         if (
             not force
             and serving is not None
+            and serving.snapshot.source == str(path)  # serving the last-good copy, the file is read anew
             and serving.snapshot.content_hash == content_hash
             and _hash_file(serving.keys_path) == serving.keys_hash
         ):
@@ -198,12 +201,12 @@ class SnapshotHolder:
         config: Config | None = None
         try:
             config = parse_config(data, str(path))
-            keys_path = keys_file_path(config, path)
+            keys_path = self._keys_path(config, path)
             keys_bytes = _read_if_present(keys_path)
             keys_hash = _hash_file(keys_path)
             if self._keys_file_gone(keys_path, serving):
                 raise ConfigError(str(keys_path), [ConfigIssue((), KEYS_FILE_GONE)])
-            keys = build_keyring(config, path, self.environ)
+            keys = build_keyring(config, keys_path, self.environ)
             snapshot = build_snapshot(config, source=str(path), content_hash=content_hash, environ=self.environ)
         except ConfigError as exc:
             if config is None:  # models.toml itself is broken: a key revoked meanwhile is revoked all the same
@@ -216,6 +219,15 @@ class SnapshotHolder:
             return Prepared(error=error, keys_path_seen=keys_path, forced=force)
         serving = Serving(snapshot, keys, keys_path, keys_hash)
         return Prepared(serving, keys_path_seen=keys_path, forced=force, models_bytes=data, keys_bytes=keys_bytes)
+
+    def _keys_path(self, config: Config, path: Path) -> Path | None:
+        """The keys file to read: the one models.toml names, where it names it, also while the
+        last-good copy of models.toml (``path``) serves; only when that file is gone, its copy."""
+        named = keys_file_path(config, self.path)
+        if named is None or path == self.path or named.exists():
+            return named
+        copy = self._last_good_keys(named)
+        return copy if copy is not None and copy.is_file() else named
 
     def _keys_file_gone(self, keys_path: Path | None, serving: Serving | None) -> bool:
         """Whether keys were served from ``keys_path``, by this worker or another, and it no longer exists."""
@@ -236,19 +248,20 @@ class SnapshotHolder:
         if keys_hash is None or keys_hash == serving.keys_hash:
             return None, None
         try:
-            keys = build_keyring(serving.snapshot.config, Path(serving.snapshot.source), self.environ)
+            keys = build_keyring(serving.snapshot.config, serving.keys_path, self.environ)
         except ConfigError:
             return None, None
         return attrs.evolve(serving, keys=keys, keys_hash=keys_hash), keys_bytes
 
     def _last_good_keys(self, keys_path: Path) -> Path | None:
-        """Where the last-good copy of ``keys_path`` is kept: beside models.toml's, as it is beside models.toml."""
+        """Where the last-good copy of ``keys_path`` is kept: beside models.toml's, as it is beside
+        models.toml, or for a keys file elsewhere, under a name of its own."""
         if self.last_good_dir is None:
             return None
         try:
             return self.last_good_dir / keys_path.relative_to(self.path.parent)
         except ValueError:
-            return None  # a keys file elsewhere is read from where it is
+            return self.last_good_dir / ELSEWHERE / f"{_sha256(str(keys_path).encode())[:16]}-{keys_path.name}"
 
     def load_last_good(self) -> bool:
         """Serve the last configuration a worker of this gateway loaded; the file's error stays shown."""
@@ -258,7 +271,7 @@ class SnapshotHolder:
         if not stored.is_file():
             return False
         error, error_at = self.last_error, self.last_error_at
-        loaded = self.apply(self.prepare(force=True, path=stored), reason="the last good copy, as models.toml is broken")
+        loaded = self.apply(self.prepare(force=True, path=stored), reason="the last good copy, as the files cannot be loaded")
         if loaded:
             self.last_error, self.last_error_at = error, error_at
         return loaded
@@ -299,15 +312,16 @@ class SnapshotHolder:
         self._save_last_good(prepared)
 
     def _save_last_good(self, prepared: Prepared) -> None:
-        """Copy what now serves for workers started later (a keys file beside models.toml comes along)."""
+        """Copy what now serves, read from the files themselves, for workers started later."""
         serving = prepared.serving
         if self.last_good_dir is None or serving is None:
             return
-        if serving.snapshot.source != str(self.path):
-            return  # this load came from the copy itself
-        keys_copy = self._last_good_keys(serving.keys_path) if serving.keys_path is not None else None
+        keys_path = serving.keys_path
+        keys_copy = None
+        if keys_path is not None and self.last_good_dir not in keys_path.parents:  # not the copy itself
+            keys_copy = self._last_good_keys(keys_path)
         try:
-            if prepared.models_bytes is not None:
+            if prepared.models_bytes is not None and serving.snapshot.source == str(self.path):
                 _write_atomically(self.last_good_dir / LAST_GOOD_NAME, prepared.models_bytes)
             if keys_copy is not None and prepared.keys_bytes is not None:
                 _write_atomically(keys_copy, prepared.keys_bytes)
