@@ -627,6 +627,10 @@ def test_busy_backend_moves_on_and_alone_is_429() -> None:
     h2 = Harness(snapshot_of(alias("a")))
     error = run(h2.fail("a", slots=Full()))
     assert error.code == "concurrency_limit_exceeded" and error.headers["retry-after"] == "3"
+    # A busy target and a failing fallback: a retry is served once a slot frees, as the refusal said.
+    h.upstream.script("b", h.upstream.status(500))
+    error = run(h.fail("a", slots=Full()))
+    assert error.code == "upstream_error" and error.headers["retry-after"] == "3" and "x-should-retry" not in error.headers
 
 
 # ------------------------------------------------------------------ streams

@@ -102,6 +102,8 @@ def test_rate_limit_speaking_of_tokens_is_not_a_context_refusal() -> None:
         (407, {"error": {"message": "Proxy Authentication Required"}}, MOVE_ON),
         (415, {"error": {"message": "unsupported media type"}}, MOVE_ON),
         (451, {"error": {"message": "unavailable for legal reasons"}}, MOVE_ON),
+        # A filter's words on a status about the key, not the request: the next target is tried.
+        (401, {"error": {"message": "API key flagged for suspicious activity"}}, MOVE_ON),
         (408, {"error": {"message": "timeout"}}, RETRY),
         (409, {"error": {"message": "conflict"}}, RETRY),
         (500, {"error": {"message": "boom"}}, RETRY),

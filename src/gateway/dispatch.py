@@ -74,10 +74,12 @@ log = logging.getLogger("gateway.dispatch")
 
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 # An upstream's 4xx about the request itself (a bad parameter, a body too large), or a content
-# filter's (any status): the client's to mend, passed on with its status. Any other 4xx is about
+# filter's (FILTER_STATUSES): the client's to mend, passed on with its status. Any other 4xx is about
 # the call the gateway made (a wrong key, credit or model id, a base_url path that takes no POST,
 # a proxy wanting credentials): the operator's problem, not the client's, so the plan moves on.
 REQUEST_STATUSES = frozenset({400, 413, 422})
+# Where a content filter's words are taken as such: a 401 "key flagged for abuse" is about the key.
+FILTER_STATUSES = REQUEST_STATUSES | {403, 451}
 TIMEOUT_OUTCOMES = frozenset({"timeout", "connect_timeout", "first_byte_timeout", "idle_timeout"})
 # Outcomes that show the target is up and answering, though not with what we need.
 ANSWERED_OUTCOMES = frozenset({"context_length", "no_image"})
@@ -530,7 +532,7 @@ def info_verdict(status: int, info: UpstreamErrorInfo, retry_after: float | None
         return Verdict(MOVE_ON, "context_length", info.reason)
     if status in TRANSIENT_STATUSES or status >= 500:
         return Verdict(RETRY, outcome, info.reason, retry_after_s=retry_after)
-    if 400 <= status < 500 and (status in REQUEST_STATUSES or info.is_content_filter):
+    if status in REQUEST_STATUSES or (status in FILTER_STATUSES and info.is_content_filter):
         what = f"HTTP {status}" + (f", {info.code}" if info.code and info.code != str(status) else "")
         at: Location | None = (info.param,) if info.param else None
         error = GatewayError("upstream_rejected", f"The model refused the request ({what}): {info.reason}", at=at, status=status)
@@ -577,8 +579,12 @@ def exhausted_error(alias: str, attempts: list[Attempt], health: HealthBoard, ta
     error = _exhaustion(alias, attempts, health, targets)
     error.headers["x-gateway-attempts"] = str(calls_made(attempts))
     if error.status >= 500 and "retry-after" not in error.headers:
+        busy = next((a.refusal for a in attempts if a.refusal is not None), None)
         wait_s = min((health.cooling_for(t.key) for t in targets if t.configured), default=0.0)
-        if wait_s > 0:
+        if busy is not None:
+            # A target was only busy: it serves once a slot frees, as its refusal said.
+            error.headers.update({k: v for k, v in busy.headers.items() if k.startswith("retry-after")})
+        elif wait_s > 0:
             # Every target is cooling down, or paused as its upstream asked: the client may come back then.
             error.headers["retry-after"] = str(math.ceil(wait_s))
         else:
