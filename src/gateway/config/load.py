@@ -321,6 +321,8 @@ def _check_backend_values(raw: Mapping[str, Any], path: ConfigPath) -> Iterator[
             yield ConfigIssue(at, f"the same header as {seen[name.lower()]} (header names ignore case): keep one")
         elif name.lower() == "authorization" and isinstance(env, str):
             yield ConfigIssue(at, "api_key_env sends the backend's key as Authorization: set the header or api_key_env, not both")
+        elif name.lower() == "authorization" and isinstance(url, str) and "@" in url.partition("://")[2].partition("/")[0]:
+            yield ConfigIssue(at, "the credentials in base_url are sent as Authorization (Basic): set the header or put them in base_url, not both")
         seen.setdefault(name.lower(), name)
         if isinstance(value, str) and not HEADER_VALUE.fullmatch(value):
             yield ConfigIssue(at, "the value holds a line break or another control character, or a character outside Latin-1")
