@@ -391,6 +391,29 @@ def test_workers_stop_when_the_main_process_is_killed(tmp_path: Path) -> None:
             fresh.get(f"{gateway.url}/healthz")
 
 
+def test_an_app_run_in_process_outlives_whatever_started_it(tmp_path: Path) -> None:
+    """Stopping when the parent is gone is for `gateway serve`'s workers: an app run in-process (one
+    process serving it, a test client) stopped itself within a second of the shell that started it exiting."""
+    config, alive = tmp_path / "models.toml", tmp_path / "alive"
+    config.write_text(one_backend_config("solo"))
+    script = tmp_path / "solo.py"
+    script.write_text(
+        "import time\n"
+        "from litestar.testing import TestClient\n"
+        "from gateway.app import create_app\n"
+        f"with TestClient(create_app({str(config)!r})) as client:\n"
+        "    time.sleep(4)\n"
+        "    assert client.get('/healthz').status_code == 200\n"
+        f"open({str(alive)!r}, 'w').write('alive')\n"
+    )
+    env = {name: value for name, value in gateway_env(None).items() if name != "GATEWAY_LAST_GOOD_DIR"}
+    subprocess.run(["bash", "-c", f"{sys.executable} {script} >/dev/null 2>&1 & sleep 2"], env=env, check=True, timeout=10)
+    deadline = time.monotonic() + 15
+    while not alive.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive.exists()
+
+
 def test_serve_refuses_the_port_of_a_running_gateway(tmp_path: Path) -> None:
     """A second `gateway serve` on a running gateway's port exits 1 saying so; the first one serves on."""
     (tmp_path / "first").mkdir()

@@ -216,14 +216,17 @@ def create_app(config_path: str | Path | None = None, *, transport: httpx.AsyncB
         state.live_reload = LiveReload(holder)
         await state.live_reload.start()
         state.metrics_exchange = MetricsExchange.from_environment(metrics)
-        orphan_watch = asyncio.create_task(stop_when_orphaned(os.getppid()))
+        # Under `gateway serve` (which names a last-good folder) the parent is granian's main process;
+        # run in-process, the app must not stop because whatever started it did.
+        orphan_watch = asyncio.create_task(stop_when_orphaned(os.getppid())) if holder.last_good_dir else None
         # Last: what is alive now lives as long as the worker.
         log.debug("froze %d long-lived objects out of garbage collection", freeze_long_lived_heap())
         try:
             async with state.metrics_exchange.publishing() if state.metrics_exchange else nullcontext():
                 yield
         finally:
-            orphan_watch.cancel()
+            if orphan_watch is not None:
+                orphan_watch.cancel()
             # Stop reloading first: a reload must not race the client's shutdown.
             await state.live_reload.stop()
             await admission.aclose()

@@ -187,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     #   counts of rates kept in memory, the targets' health, and each worker's metrics.
     run_dir = Path(tempfile.mkdtemp(prefix="gateway-run-"))
     os.environ[LAST_GOOD_ENV] = str(run_dir / "last-good")
-    (run_dir / "last-good").mkdir()
+    (run_dir / "last-good").mkdir(mode=0o700)
     if args.workers > 1:
         os.environ[SHARED_DIR_ENV] = str(run_dir / "shared")
         (run_dir / "shared").mkdir()
