@@ -376,3 +376,20 @@ def test_env_keys_are_named_by_the_key_not_its_place() -> None:
     assert first.authenticate("Bearer sk-two").name == reordered.authenticate("Bearer sk-two").name
     name = first.authenticate("Bearer sk-one").name
     assert name.startswith("env-key-") and hashlib.sha256(b"sk-one").hexdigest() not in name
+
+
+def test_a_key_limited_to_some_aliases_is_not_served_by_a_fallback_it_may_not_use(
+    tmp_path: Path, standin: StandIn, gateway_factory: GatewayFactory, client: httpx.Client
+) -> None:
+    """alice may use `alpha`, which falls back to `beta`: when alpha fails she gets the failure, not an
+    answer from beta (a key for local models only was served by the cloud model a local one falls back to)."""
+    alice = new_key()
+    write_keys_file(tmp_path / "keys.toml", {"alice": KeyEntry(hash=hash_key(alice), models=("alpha",))})
+    config = models_toml(standin).replace('model = "alpha-up"\n', 'model = "alpha-up"\nfallback = ["beta"]\nretries = 0\n')
+    gateway = gateway_factory(config, env={"GATEWAY_API_KEYS": "sk-everything"})
+    standin.script("alpha-up", [{"kind": "status", "status": 503}])
+    refused = chat(client, gateway.url, alice, "alpha")
+    assert refused.status_code == 502 and refused.headers["x-gateway-attempts"] == "1", refused.text
+    assert "beta" not in refused.text
+    served = chat(client, gateway.url, "sk-everything", "alpha")
+    assert served.status_code == 200 and served.headers["x-gateway-served-by"] == "beta"

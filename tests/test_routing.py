@@ -85,3 +85,15 @@ route = ["t", "v"]
     assert [t.alias for t in plan_attempts(snapshot.lookup("both"), facts)] == ["v"]
     text = inspect_request({"model": "both", "messages": [{"role": "user", "content": "hi"}]})
     assert [t.alias for t in plan_attempts(snapshot.lookup("both"), text)] == ["t", "v"]
+
+
+def test_a_key_limited_to_some_aliases_is_served_by_no_fallback_it_may_not_use() -> None:
+    """A key for `outer` only is served by its members (`a`, `x`: how outer serves), not by `f`, which
+    `inner` falls back to: a key for local models only was served by the cloud alias a local one falls
+    back to. Given `f` too, it is served by `f` where the plan reaches it."""
+    snapshot = build_snapshot(parse_config(NESTED), environ={})
+    facts = inspect_request({"model": "outer", "messages": [{"role": "user", "content": "hello"}]})
+    plan = lambda allowed: [t.alias for t in plan_attempts(snapshot.lookup("outer"), facts, allowed.__contains__)]
+    assert plan({"outer"}) == ["a", "x"]
+    assert plan({"outer", "f"}) == ["a", "f", "x"]
+    assert [t.alias for t in plan_attempts(snapshot.lookup("outer"), facts)] == ["a", "f", "x"]  # no allow-list

@@ -89,6 +89,9 @@ class Target:
     # The own declared keys of every composite this target was reached through: an
     # inner composite that narrows (say input = ["text"]) narrows its members too.
     gates: tuple[AliasRules, ...] = ()
+    # The aliases this target was reached through as a fallback (each fallback hop's alias): a key
+    # limited to some aliases is served by it only if it may use every one of them.
+    fallbacks: tuple[str, ...] = ()
     # Computed once per snapshot, not per request; not shown: it is derived from the key.
     key: tuple[str, str, str] = attrs.field(init=False, repr=False)
     # Computed once too: every stream's relay is given them.
@@ -248,6 +251,7 @@ def _plan_targets(
     rules: Mapping[str, AliasRules],
     ancestors: tuple[str, ...] = (),
     through: tuple[AliasRules, ...] = (),
+    fallbacks: tuple[str, ...] = (),
 ) -> list[Target]:
     """Own target (or a composite's members, in order), then fallbacks, recursively.
 
@@ -266,12 +270,12 @@ def _plan_targets(
     plan: list[Target] = []
     if spec.route is not None:
         for member in spec.route:
-            plan += _plan_targets(member, config, targets, rules, path, below)
+            plan += _plan_targets(member, config, targets, rules, path, below, fallbacks)
     else:
         target = targets[name]
-        plan.append(attrs.evolve(target, gates=through) if through else target)
+        plan.append(attrs.evolve(target, gates=through, fallbacks=fallbacks) if through or fallbacks else target)
     for fallback in spec.fallback:
-        plan += _plan_targets(fallback, config, targets, rules, path, below)
+        plan += _plan_targets(fallback, config, targets, rules, path, below, (*fallbacks, fallback))
     return plan[:MAX_PLAN_ENTRIES]
 
 

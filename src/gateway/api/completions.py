@@ -170,7 +170,7 @@ class CompletionService:
             alias = snapshot.lookup(facts.model, identity.may_use)
             alias_name = alias.name
             alias.rules.check(facts)
-            targets = plan_attempts(alias, facts)
+            targets = plan_attempts(alias, facts, identity.may_use if identity.allowed_models is not None else None)
             ticket = await self.admission.admit(identity, alias, facts)
             async with cancelled_on_disconnect(receive) as watch:
                 if facts.stream:
