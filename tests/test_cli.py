@@ -414,6 +414,35 @@ def test_an_app_run_in_process_outlives_whatever_started_it(tmp_path: Path) -> N
     assert alive.exists()
 
 
+def test_serve_sh_serves_the_config_gateway_config_names(tmp_path: Path) -> None:
+    """The README's first command takes GATEWAY_CONFIG as `gateway serve` does (it passed models.toml
+    always); set up once, it installs nothing again, so a restart needs no package index."""
+    config = tmp_path / "models.toml"
+    config.write_text(one_backend_config("from-env"))
+    port = free_port()
+    env = {**gateway_env({"GATEWAY_API_KEYS": CLIENT_KEY}), "GATEWAY_CONFIG": str(config), "PIP_NO_INDEX": "1"}
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            ["bash", str(REPO / "scripts" / "serve.sh"), "--host", LOOPBACK, "--port", str(port)],
+            env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        listed = None
+        while listed is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                with local_client() as client:
+                    listed = client.get(f"http://{LOOPBACK}:{port}/v1/models", headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert listed is not None, log.read_text()
+        assert [m["id"] for m in listed["data"]] == ["from-env"]
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+
+
 def test_serve_refuses_the_port_of_a_running_gateway(tmp_path: Path) -> None:
     """A second `gateway serve` on a running gateway's port exits 1 saying so; the first one serves on."""
     (tmp_path / "first").mkdir()
