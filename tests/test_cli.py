@@ -97,7 +97,7 @@ def bad_models_toml(tmp_path: Path) -> Path:
 
 def test_check_accepts_the_shipped_file() -> None:
     """`gateway check models.toml` exits 0 on the shipped file and says how many aliases it has."""
-    done = gateway_cli("check", "models.toml", env={"OPENROUTER_API_KEY": "sk-or-test-not-a-key"})
+    done = gateway_cli("check", "models.toml", env={"OPENROUTER_API_KEY": "sk-or-test-not-a-key", "GATEWAY_API_KEYS": "sk-mine"})
     assert done.returncode == 0, done.stderr
     backends = len(SHIPPED_TABLES["backends"])
     assert done.stdout.strip() == f"models.toml: OK, {len(SHIPPED_ALIASES)} aliases, {backends} backends"
@@ -105,13 +105,31 @@ def test_check_accepts_the_shipped_file() -> None:
 
 def test_check_notes_a_key_variable_unset_where_it_runs() -> None:
     """Still OK (the gateway's environment may differ), with a note naming the variable, never a value."""
-    done = gateway_cli("check", "models.toml", env={"OPENROUTER_API_KEY": ""})
+    done = gateway_cli("check", "models.toml", env={"OPENROUTER_API_KEY": "", "GATEWAY_API_KEYS": "sk-mine"})
     assert done.returncode == 0, done.stderr
     note = (
         "note: backends.openrouter: OPENROUTER_API_KEY is not set in this environment; "
         "where the gateway runs without it, its aliases answer 503 backend_not_configured"
     )
     assert done.stdout.splitlines()[1:] == [note]
+
+
+def test_check_notes_when_no_client_key_would_get_in(tmp_path: Path) -> None:
+    """The shipped file with no GATEWAY_API_KEYS was OK and silent, and every request then got 401; a
+    keys_file that names no file (a typo, say) was OK too, and every file key got 401."""
+    alone = gateway_cli("check", "models.toml", env={"OPENROUTER_API_KEY": "x", "GATEWAY_API_KEYS": ""})
+    assert alone.returncode == 0 and "every request is answered 401 no_api_keys_configured" in alone.stdout
+    (tmp_path / "models.toml").write_text('[auth]\nkeys_file = "keys.tmol"\n' + one_backend_config("k"))
+    typo = gateway_cli("check", "models.toml", cwd=tmp_path, env={"GATEWAY_API_KEYS": ""})
+    assert typo.returncode == 0, typo.stderr
+    assert "note: auth.keys_file names keys.tmol, which does not exist" in typo.stdout
+    assert "no_api_keys_configured" not in typo.stdout  # keys are in use: the file's, once written
+
+
+def test_serve_refuses_no_workers() -> None:
+    """`--workers 0` (or -1) ran one worker without a word."""
+    done = gateway_cli("serve", "--workers", "0")
+    assert done.returncode == 2 and "expected a whole number, 1 or more, got '0'" in done.stderr
 
 
 def test_check_lists_every_problem_and_exits_1(bad_models_toml: Path) -> None:

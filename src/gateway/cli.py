@@ -57,6 +57,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         if backend.api_key_env and not os.environ.get(backend.api_key_env):
             print(f"note: backends.{name}: {backend.api_key_env} is not set in this environment; "
                   "where the gateway runs without it, its aliases answer 503 backend_not_configured")
+    keys_file = keys_file_path(config, path)
+    if keys_file is not None and not keys_file.exists():
+        print(f"note: auth.keys_file names {keys_file}, which does not exist: `gateway keys add` creates it; "
+              "until then only GATEWAY_API_KEYS keys are accepted")
+    if config.auth.required and keys_file is None and not os.environ.get("GATEWAY_API_KEYS", "").strip(", "):
+        print("note: no client keys (no GATEWAY_API_KEYS in this environment, no auth.keys_file): where the "
+              "gateway runs so, every request is answered 401 no_api_keys_configured")
     return 0
 
 
@@ -202,6 +209,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, got {text!r}")
+    return number
+
+
 def _positive_seconds(text: str) -> int:
     try:
         seconds = int(text)
@@ -220,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="models.toml to serve (default: $GATEWAY_CONFIG or ./models.toml)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--workers", type=_at_least_one, default=1)
     serve.add_argument(
         "--shutdown-timeout", type=_positive_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
         help=f"on SIGTERM or Ctrl-C, how long requests in flight may run on before a worker is stopped (default {DEFAULT_SHUTDOWN_TIMEOUT_S})",
