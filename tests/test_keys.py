@@ -26,7 +26,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.config.model import KeyEntry
 from gateway.errors import GatewayError
 from gateway.keys import build_keyring, hash_key, keys_file_path, new_key, parse_keys, read_keys_file, write_keys_file
-from harness import StandIn, gateway_env, local_client
+from harness import StandIn, gateway_env, local_client, scraped
 
 RELOAD_WAIT_S = 8.0
 POLL_S = 0.1
@@ -282,6 +282,7 @@ def test_keys_file_life_cycle_through_a_running_gateway(
     assert chat(client, gateway.url, alice, "alpha").status_code == 200
     refused = chat(client, gateway.url, alice, "beta")
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+    assert scraped(client, gateway.url, 'gateway_requests_total{alias="beta",status="403"}') == 1
     listed = client.get(f"{gateway.url}/v1/models", headers=bearer(alice)).json()
     assert [m["id"] for m in listed["data"]] == ["alpha"]
     # Asked by name, an alias outside the list is refused as a chat names it, not "not found" here and 403 there;

@@ -167,6 +167,8 @@ class CompletionService:
                     body, relocate = translate(body)
                 facts = inspect_request(body)
             del raw
+            if facts.model in snapshot.aliases:
+                alias_name = facts.model  # counted by the alias, also when this key may not use it
             alias = snapshot.lookup(facts.model, identity.may_use)
             alias_name = alias.name
             alias.rules.check(facts)
