@@ -82,7 +82,11 @@ def name_request(scope: Any) -> bytes:
             break
     if not rid:
         rid = os.urandom(16).hex().encode()
-    scope["gateway_request_id"] = text = rid.decode("latin-1")
+    try:
+        text = rid.decode("utf-8")  # as the client wrote it, so that it is found in the log
+    except UnicodeDecodeError:
+        text = rid.decode("latin-1")
+    scope["gateway_request_id"] = text
     REQUEST_ID.set(text)
     return rid
 
