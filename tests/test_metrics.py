@@ -330,3 +330,23 @@ def test_a_client_that_leaves_is_a_499_a_cancelled_attempt_and_no_latency(standi
         assert scraped(client, gateway.url, 'gateway_requests_total{alias="leaver",status="499"}') == 1
         assert scraped(client, gateway.url, 'gateway_attempts_total{alias="leaver",backend="local",outcome="cancelled"}') == 1
         assert scraped(client, gateway.url, 'gateway_request_seconds_count{alias="leaver"') == 0
+
+
+def test_answers_thrown_away_are_counted_in_tokens_and_cost(standin: StandIn, gateway_factory: GatewayFactory) -> None:
+    """An image alias's answer without an image is moved on from, but the upstream charged for it: its
+    tokens and cost were missing from the metrics, which counted only the answer served."""
+    aliases = "".join(
+        f'[models."{name}"]\nbackend = "local"\nmodel = "{name}-up"\noutput = ["image", "text"]\ncost_per_mtok_usd = 10.0\n'
+        for name in ("draw-first", "draw-second")
+    )
+    gateway = gateway_factory(backend_toml(standin) + aliases + '[models."draw"]\nroute = ["draw-first", "draw-second"]\n')
+    standin.script("draw-first-up", [{"kind": "no_image"}])
+    standin.script("draw-second-up", [{"kind": "ok"}])
+    body = {"model": "draw", "modalities": ["image", "text"], "messages": [{"role": "user", "content": "a cat"}]}
+    with local_client() as client:
+        answer = client.post(f"{gateway.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+        assert answer.status_code == 200 and answer.headers["x-gateway-served-by"] == "draw-second", answer.text
+        values = parsed_metrics(client, gateway.url)
+    for name in ("draw-first", "draw-second"):
+        assert values[("gateway_tokens_total", (("alias", name), ("kind", "prompt_tokens")))] > 0
+        assert values[("gateway_estimated_cost_usd_total", (("alias", name),))] > 0

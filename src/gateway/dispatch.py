@@ -103,6 +103,9 @@ class Attempt:
     duration_s: float
     called: bool = True
     refusal: GatewayError | None = attrs.field(default=None, eq=False, repr=False)  # a backend slot refused
+    # An answer the plan threw away (an image alias's without an image) was paid for all the same.
+    usage: Any = attrs.field(default=None, eq=False, repr=False)
+    cost_per_mtok_usd: float | None = attrs.field(default=None, eq=False, repr=False)
 
     def describe(self) -> str:
         return f"{self.alias}: {self.outcome} ({self.reason})" if self.reason else f"{self.alias}: {self.outcome}"
@@ -116,6 +119,7 @@ class Verdict:
     answer: Any = None
     retry_after_s: float | None = None
     error: GatewayError | None = None
+    usage: Any = None  # the usage of an answer moved on from
 
 
 @attrs.define
@@ -315,7 +319,12 @@ class Dispatcher:
                 attempts.append(Attempt(target.alias, target.backend_name, "cancelled", "the client left", time.monotonic() - started))
                 raise
             reason = target.in_client_words(verdict.reason) if verdict.reason else ""
-            attempts.append(Attempt(target.alias, target.backend_name, verdict.outcome, reason, time.monotonic() - started))
+            attempts.append(
+                Attempt(
+                    target.alias, target.backend_name, verdict.outcome, reason, time.monotonic() - started,
+                    usage=verdict.usage, cost_per_mtok_usd=target.cost_per_mtok_usd,
+                )
+            )
             self._judge(routing, target, verdict, reason)
             if verdict.action == OK:
                 return verdict.answer  # type: ignore[no-any-return]
@@ -569,7 +578,7 @@ def answer_verdict(target: Target, raw: bytes, *, streaming: bool = False) -> Ve
     if target.image_output:
         gather_content_images(answer)
         if not holds_image(message_images(answer)):
-            return Verdict(MOVE_ON, "no_image", "the answer holds no image (as a data URI of image bytes)")
+            return Verdict(MOVE_ON, "no_image", "the answer holds no image (as a data URI of image bytes)", usage=answer.get("usage"))
     return Verdict(OK, "ok", "", answer=Served(target, answer, []))
 
 

@@ -112,9 +112,26 @@ def _json_fault(reason: str, data: bytes | bytearray | memoryview) -> str:
 
 
 def count_attempts(metrics: Metrics, attempts: list[Attempt]) -> None:
-    """Count a plan's attempts, whatever became of the request (``Dispatcher``'s ``on_attempts``)."""
+    """Count a plan's attempts, whatever became of the request (``Dispatcher``'s ``on_attempts``), and
+    the tokens of the answers it threw away, which the upstreams charged for."""
     for attempt in attempts:
         metrics.inc("gateway_attempts_total", alias=attempt.alias, backend=attempt.backend, outcome=attempt.outcome)
+        if attempt.usage is not None:
+            count_usage(metrics, attempt.alias, attempt.cost_per_mtok_usd, attempt.usage)
+
+
+def count_usage(metrics: Metrics, alias: str, cost_per_mtok_usd: float | None, usage: Any) -> None:
+    """An upstream's reported usage, in tokens and estimated cost, for the alias that answered."""
+    if not isinstance(usage, dict):
+        return
+    tokens = 0
+    for kind in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(kind)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            metrics.inc("gateway_tokens_total", value, alias=alias, kind=kind)
+            tokens += value
+    if cost_per_mtok_usd is not None and tokens:
+        metrics.inc("gateway_estimated_cost_usd_total", tokens * cost_per_mtok_usd / 1e6, alias=alias)
 
 
 def request_id(scope: dict[str, Any]) -> str:
@@ -280,12 +297,4 @@ class CompletionService:
 
     def _count(self, requested: str, target: Any, usage: Any) -> None:
         self.metrics.inc("gateway_requests_total", alias=requested, status="200")
-        if isinstance(usage, dict):
-            tokens = 0
-            for kind in ("prompt_tokens", "completion_tokens"):
-                value = usage.get(kind)
-                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    self.metrics.inc("gateway_tokens_total", value, alias=target.alias, kind=kind)
-                    tokens += value
-            if target.cost_per_mtok_usd is not None and tokens:
-                self.metrics.inc("gateway_estimated_cost_usd_total", tokens * target.cost_per_mtok_usd / 1e6, alias=target.alias)
+        count_usage(self.metrics, target.alias, target.cost_per_mtok_usd, usage)
