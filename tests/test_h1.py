@@ -597,35 +597,35 @@ async def test_a_refused_certificate_says_why_without_naming_the_host(
     assert pool.open_connections == 0
 
 
+@contextlib.asynccontextmanager
+async def tls_pool_answering_first_then(behaviour: str) -> AsyncIterator[tuple[H1Pool, Origin, Server]]:
+    """A TLS upstream that answers its first request, then meets the next with ``behaviour``, and a pool for it."""
+    helper = Server(answer_first_then(behaviour))
+    async with tls_server("127.0.0.1", helper) as (port, client_context):
+        pool = H1Pool(ssl_context=client_context)
+        try:
+            yield pool, Origin("https", "127.0.0.1", port), helper
+        finally:
+            await pool.aclose()
+
+
 @in_each_loop
 async def test_a_reused_tls_connection_closed_without_close_notify_sends_the_request_again_on_a_new_one() -> None:
     """A TLS upstream that drops a kept-alive connection as the next request arrives, without close_notify,
     closed it as idle, as over plain TCP: the request goes again once, on a new connection. uvloop reports
     that close with no eof_received, and it was taken for the upstream's fault."""
-    helper = Server(answer_first_then("drop"))
-    async with tls_server("127.0.0.1", helper) as (port, client_context):
-        origin = Origin("https", "127.0.0.1", port)
-        pool = H1Pool(ssl_context=client_context)
-        try:
-            assert await read_all(await call(pool, origin)) == OK_BODY
-            assert await read_all(await call(pool, origin, b'{"n":2}')) == OK_BODY
-        finally:
-            await pool.aclose()
+    async with tls_pool_answering_first_then("drop") as (pool, origin, helper):
+        assert await read_all(await call(pool, origin)) == OK_BODY
+        assert await read_all(await call(pool, origin, b'{"n":2}')) == OK_BODY
     assert helper.connections == 2 and helper.bodies == [b"{}", b'{"n":2}', b'{"n":2}']
 
 
 @in_each_loop
 async def test_a_reset_tls_connection_is_the_upstreams_fault_and_is_not_sent_again() -> None:
-    helper = Server(answer_first_then("reset"))
-    async with tls_server("127.0.0.1", helper) as (port, client_context):
-        origin = Origin("https", "127.0.0.1", port)
-        pool = H1Pool(ssl_context=client_context)
-        try:
-            assert await read_all(await call(pool, origin)) == OK_BODY
-            with pytest.raises(H1Error) as failed:
-                await call(pool, origin)
-        finally:
-            await pool.aclose()
+    async with tls_pool_answering_first_then("reset") as (pool, origin, helper):
+        assert await read_all(await call(pool, origin)) == OK_BODY
+        with pytest.raises(H1Error) as failed:
+            await call(pool, origin)
     assert failed.value.kind == "closed" and not failed.value.quietly
     assert helper.connections == 1
 

@@ -247,12 +247,12 @@ route = ["seeing", "hearing"]
     assert "'seeing' says" in info.value.message
 
 
-def test_a_composites_image_limits_are_those_of_its_members_that_take_images() -> None:
-    """Route [text, vision]: the text member's [defaults] image limits neither show nor decide."""
-    toml = """
+def text_and_vision_group(*, defaults_bytes: int, vision_bytes: int) -> str:
+    """`group` = route [text, vision]; [defaults] and vision set different image limits."""
+    return f"""
 [defaults]
 max_images = 3
-max_image_bytes = 1000
+max_image_bytes = {defaults_bytes}
 [models.text]
 backend = "b"
 model = "t"
@@ -261,11 +261,15 @@ backend = "b"
 model = "v"
 input = ["text", "image"]
 max_images = 2
-max_image_bytes = 100
+max_image_bytes = {vision_bytes}
 [models.group]
 route = ["text", "vision"]
 """
-    snap = snapshot(toml)
+
+
+def test_a_composites_image_limits_are_those_of_its_members_that_take_images() -> None:
+    """Route [text, vision]: the text member's [defaults] image limits neither show nor decide."""
+    snap = snapshot(text_and_vision_group(defaults_bytes=1000, vision_bytes=100))
     rules = snap.lookup("group").rules
     assert (rules.limit("max_images"), rules.limit("max_image_bytes")) == (2, 100)
     capabilities = model_entry(snap.lookup("group"), 0)["capabilities"]
@@ -400,21 +404,8 @@ min_max_tokens = 20
 def test_a_composites_image_size_is_its_image_members_not_defaults() -> None:
     """[defaults] max_image_bytes = 100 does not refuse a 5,000-byte image that the composite's image member
     (max_image_bytes = 100,000) takes."""
-    toml = """
-[defaults]
-max_image_bytes = 100
-[models.text]
-backend = "b"
-model = "t"
-[models.vision]
-backend = "b"
-model = "v"
-input = ["text", "image"]
-max_image_bytes = 100_000
-[models.group]
-route = ["text", "vision"]
-"""
-    assert verdict(snapshot(toml), chat("group", image_part(size=5000))) is None
+    snap = snapshot(text_and_vision_group(defaults_bytes=100, vision_bytes=100_000))
+    assert verdict(snap, chat("group", image_part(size=5000))) is None
 
 
 # ---------------------------------------------------------------- loader cross-checks

@@ -9,6 +9,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,24 +210,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, got {text!r}")
-    return number
+def _at_least_one(unit: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number (of ``unit``), 1 or more."""
 
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise argparse.ArgumentTypeError(f"expected a whole number{unit}, 1 or more, got {text!r}")
+        return number
 
-def _positive_seconds(text: str) -> int:
-    try:
-        seconds = int(text)
-    except ValueError:
-        seconds = 0
-    if seconds < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, 1 or more, got {text!r}")
-    return seconds
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="models.toml to serve (default: $GATEWAY_CONFIG or ./models.toml)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=_at_least_one, default=1)
+    serve.add_argument("--workers", type=_at_least_one(), default=1)
     serve.add_argument(
-        "--shutdown-timeout", type=_positive_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
+        "--shutdown-timeout", type=_at_least_one(" of seconds"), default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
         help=f"on SIGTERM or Ctrl-C, how long requests in flight may run on before a worker is stopped (default {DEFAULT_SHUTDOWN_TIMEOUT_S})",
     )
     serve.set_defaults(run=cmd_serve)

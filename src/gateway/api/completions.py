@@ -187,7 +187,6 @@ class CompletionService:
             if facts.model in snapshot.aliases:
                 alias_name = facts.model  # counted by the alias, also when this key may not use it
             alias = snapshot.lookup(facts.model, identity.may_use)
-            alias_name = alias.name
             alias.rules.check(facts)
             targets = plan_attempts(alias, facts, identity.may_use if identity.allowed_models is not None else None)
             ticket = await self.admission.admit(identity, alias, facts)
